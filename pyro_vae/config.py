@@ -1,0 +1,101 @@
+"""The one configuration object: the constructor's arguments, and what a checkpoint stores."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "gaussian")
+LATENTS = ("gaussian",)
+ARCHS = ("mlp", "conv")
+GAUSSIAN_SIGMAS = ("shared", "pixel", "fixed")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Everything needed to rebuild a :class:`~pyro_vae.VAE`, and nothing else.
+
+    A checkpoint stores this dataclass as a plain dict, so a saved model is rebuilt
+    from its config without pickling any class of ours.
+    """
+
+    #: (channels, height, width) of one image; MNIST is (1, 28, 28).
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    #: p(x | z): "bernoulli" for binary pixels, "continuous-bernoulli" or "gaussian" for grey.
+    likelihood: str = "bernoulli"
+    #: the latent family; "gaussian" is N(0, I) with a diagonal Normal guide.
+    latent: str = "gaussian"
+    #: "mlp" (fully connected) or "conv" (strided convolutions, 4x down/up-sampling).
+    arch: str = "mlp"
+    #: size of z. 50 matches Pyro's VAE example and Burda et al.'s one-layer models.
+    latent_dim: int = 50
+    #: hidden units of each MLP layer, and of the conv nets' fully connected layer.
+    #: 400 is Pyro's VAE example.
+    hidden: int = 400
+    #: channels of the conv nets' first feature maps (the second has twice as many).
+    channels: int = 32
+    #: Gaussian likelihood only: "shared" learns one sigma for all pixels, "pixel" one per
+    #: pixel, "fixed" keeps ``sigma_init``. A learned sigma calibrates reconstruction against
+    #: KL (sigma -> root mean squared error); sigma = 1 on [0, 1] pixels drowns the
+    #: reconstruction term and gives blurry means.
+    gaussian_sigma: str = "shared"
+    #: starting (or fixed) sigma of the Gaussian likelihood, in pixel units of [0, 1].
+    sigma_init: float = 0.1
+    #: lower bound of a learned sigma: the size of the 8-bit quantization noise
+    #: (1 / 256 / sqrt(12) ~ 1.1e-3), below which a density on dequantized pixels means nothing.
+    sigma_floor: float = 1e-3
+    #: prefix of every Pyro site and parameter name, so two VAEs can share one Pyro program.
+    name: str = "vae"
+
+    def __post_init__(self) -> None:
+        _check_choice("likelihood", self.likelihood, LIKELIHOODS)
+        _check_choice("latent", self.latent, LATENTS)
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("gaussian_sigma", self.gaussian_sigma, GAUSSIAN_SIGMAS)
+        shape = tuple(int(s) for s in self.image_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(
+                f"image_shape must be (channels, height, width), got {self.image_shape}"
+            )
+        object.__setattr__(self, "image_shape", shape)
+        if self.arch == "conv" and (shape[1] % 4 or shape[2] % 4):
+            raise ValueError(
+                f"arch 'conv' halves the image twice, so height and width must be multiples "
+                f"of 4; got {shape[1]} x {shape[2]} (resize the images, or use arch 'mlp')"
+            )
+        for key in ("latent_dim", "hidden", "channels"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if not 0 < self.sigma_floor <= self.sigma_init:
+            raise ValueError(
+                f"need 0 < sigma_floor <= sigma_init, got {self.sigma_floor} and {self.sigma_init}"
+            )
+        if not self.name or any(c in self.name for c in " /"):
+            raise ValueError(
+                f"name must be a non-empty string without spaces or '/', got {self.name!r}"
+            )
+
+    @property
+    def num_pixels(self) -> int:
+        """Dimension D of one image (channels x height x width)."""
+        c, h, w = self.image_shape
+        return c * h * w
+
+    def to_dict(self) -> dict:
+        """A plain dict (lists, numbers, strings) fit for JSON and ``weights_only`` checkpoints."""
+        out = asdict(self)
+        out["image_shape"] = list(self.image_shape)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> VAEConfig:
+        """Rebuild a config, naming any key that this version does not know."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown VAEConfig field(s): {', '.join(unknown)}")
+        return cls(**{**values, "image_shape": tuple(values.get("image_shape", (1, 28, 28)))})
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")

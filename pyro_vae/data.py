@@ -1,0 +1,299 @@
+"""Data: MNIST and image folders as 8-bit tensors, their preprocessing, and batching.
+
+Images are kept as ``uint8`` ``(N, C, H, W)`` tensors until a batch is drawn; each batch
+is then made into data for the likelihood (:func:`preprocess`): binarized with a fresh
+Bernoulli draw (dynamic binarization, the usual protocol for MNIST log-likelihoods) or
+uniformly dequantized, so a continuous density on it is a proper bound on the
+probability of the 8-bit image. Held-out splits get one fixed, seeded draw instead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import DataError
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: seed of the fixed binarization / dequantization of held-out splits.
+TEST_SEED = 0
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """8-bit images ``(N, C, H, W)`` and, where known, their integer labels ``(N,)``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def head(self, n: int | None) -> ImageSet:
+        """The first ``n`` images (all of them for ``None``)."""
+        if n is None:
+            return self
+        labels = None if self.labels is None else self.labels[:n]
+        return ImageSet(self.images[:n], labels)
+
+
+def default_data_dir() -> Path:
+    """``$PYRO_VAE_DATA`` if set, else ``./data``: where MNIST is looked for and downloaded."""
+    return Path(os.environ.get("PYRO_VAE_DATA", "data"))
+
+
+# ---------------------------------------------------------------------------- MNIST
+def load_mnist(
+    root: str | Path | None = None, split: str = "train", download: bool = True
+) -> ImageSet:
+    """MNIST's ``split`` ("train" or "test") from ``root/MNIST/raw``.
+
+    The IDX files are read as they are, gzipped or not, so a read-only copy works and
+    nothing is written next to it. Missing files are downloaded by torchvision into
+    ``root`` when ``download`` is true; offline, the error says where to put them.
+    """
+    if split not in MNIST_FILES:
+        raise DataError(f"unknown MNIST split {split!r}; choose 'train' or 'test'")
+    root = Path(root) if root is not None else default_data_dir()
+    raw = root / "MNIST" / "raw"
+    paths = [_find_idx(raw, name) for name in MNIST_FILES[split]]
+    if None in paths and download:
+        _download_mnist(root)
+        paths = [_find_idx(raw, name) for name in MNIST_FILES[split]]
+    if None in paths:
+        missing = [n for n, p in zip(MNIST_FILES[split], paths, strict=True) if p is None]
+        raise DataError(
+            f"MNIST files missing: {', '.join(m + '.gz' for m in missing)} not found in {raw}; "
+            "copy the four MNIST files there (or pass --data-dir to the folder above MNIST/)"
+        )
+    images = torch.from_numpy(read_idx(paths[0])).unsqueeze(1)
+    labels = torch.from_numpy(read_idx(paths[1]).astype(np.int64))
+    if images.shape[1:] != (1, 28, 28) or labels.shape != images.shape[:1]:
+        raise DataError(f"{paths[0]} does not hold 28 x 28 MNIST images matching its labels")
+    return ImageSet(images, labels)
+
+
+def _find_idx(raw: Path, name: str) -> Path | None:
+    for candidate in (raw / name, raw / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _download_mnist(root: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    try:
+        MNIST(str(root), download=True)
+    except Exception as error:  # torchvision raises URLError, RuntimeError, OSError...
+        raise DataError(
+            f"MNIST is not in {root / 'MNIST' / 'raw'} and could not be downloaded ({error}); "
+            "offline, copy train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+            "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz into that folder"
+        ) from None
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (LeCun's format for MNIST), gzipped or not, into a numpy array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated: header says {shape}, found {body.size} bytes")
+    return body.reshape(shape).copy()
+
+
+# ---------------------------------------------------------------------------- folders
+class ImageFolder(Dataset):
+    """Every PNG/JPEG under ``root`` (searched recursively) as uint8 ``(C, H, W)`` tensors.
+
+    :param grayscale: convert to one channel (else three, RGB).
+    :param size: ``(height, width)`` to resize to; without it all images must share a size.
+    """
+
+    def __init__(
+        self, root: str | Path, grayscale: bool = True, size: tuple[int, int] | None = None
+    ):
+        from PIL import Image
+
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"image folder {root} does not exist or is not a folder")
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise DataError(f"no PNG or JPEG images found under {root}")
+        self.grayscale = grayscale
+        self.size = tuple(size) if size is not None else None
+        if self.size is None:
+            sizes = {}
+            for path in self.files:
+                try:
+                    with Image.open(path) as image:
+                        sizes.setdefault(image.size, path)
+                except OSError:
+                    raise DataError(f"{path} is not a readable image") from None
+                if len(sizes) > 1:
+                    (w0, h0), first = next(iter(sizes.items()))
+                    w1, h1 = image.size
+                    raise DataError(
+                        f"images differ in size: {first} is {h0}x{w0} but {path} is {h1}x{w1}; "
+                        "pass a size (--image-size) to resize them"
+                    )
+            width, height = next(iter(sizes))
+            self.size = (height, width)
+        self.image_shape = (1 if grayscale else 3, *self.size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[index]) as image:
+                image = image.convert("L" if self.grayscale else "RGB")
+                if image.size != (self.size[1], self.size[0]):
+                    image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
+                array = np.asarray(image, dtype=np.uint8)
+        except OSError:
+            raise DataError(f"{self.files[index]} is not a readable image") from None
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        return torch.from_numpy(array.copy())
+
+
+def split_folder(folder: ImageFolder, test_fraction: float = 0.1, seed: int = TEST_SEED):
+    """Seeded (train, test) subsets of a folder; the test part is at least one image."""
+    n = len(folder)
+    n_test = max(1, int(round(n * test_fraction))) if n > 1 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return torch.utils.data.Subset(folder, order[n_test:]), torch.utils.data.Subset(
+        folder, order[:n_test]
+    )
+
+
+def stack_dataset(dataset: Dataset, batch_size: int = 256, num_workers: int = 0) -> ImageSet:
+    """Read a whole (small) dataset into one uint8 tensor, e.g. a held-out split."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    return ImageSet(torch.cat(list(loader)))
+
+
+# ---------------------------------------------------------------------------- preprocessing
+def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Bernoulli draw per pixel with probability = grey level in [0, 1]."""
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (noise < x).to(x.dtype)
+
+
+def dequantize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """8-bit levels k -> (k + u) / 256 with u ~ U[0, 1): a continuous density on the
+    result lower-bounds the probability of the 8-bit image (Theis et al., 2016)."""
+    noise = torch.rand(images.shape, generator=generator, device=images.device)
+    return (images.float() + noise) / 256.0
+
+
+def preprocess(
+    images: torch.Tensor, how: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Make likelihood data from a batch: uint8 images are binarized or dequantized
+    (``how``); floating-point input is taken to be ready and passed through."""
+    if images.is_floating_point():
+        return images
+    if images.dtype != torch.uint8:
+        raise DataError(f"images must be uint8 (0..255) or floating point, got {images.dtype}")
+    if how == "binarize":
+        return binarize(images.float() / 255.0, generator)
+    if how == "dequantize":
+        return dequantize(images, generator)
+    raise ValueError(f"unknown preprocessing {how!r}")
+
+
+def fixed_preprocess(images: torch.Tensor, how: str, seed: int = TEST_SEED) -> torch.Tensor:
+    """:func:`preprocess` with one seeded draw: the fixed version of a held-out split."""
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    return preprocess(images, how, generator)
+
+
+# ---------------------------------------------------------------------------- batching
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of epoch ``epoch``: a function of (seed, epoch) alone, so a run
+    resumed mid-epoch sees the same order."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+class TensorBatches:
+    """Mini-batches of an in-memory image tensor that lives on the training device.
+
+    The whole data set is moved once; a batch is an index into it. This avoids the
+    per-batch collation of a ``DataLoader``, the slow path for data that fits in memory.
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int, device: torch.device, seed: int = 0):
+        self.images = images.to(device)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_data = images.shape[0]
+
+    def __len__(self) -> int:
+        return -(-self.num_data // self.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        """The batches of ``epoch`` from batch number ``start`` on."""
+        order = epoch_permutation(self.num_data, self.seed, epoch).to(self.images.device)
+        for i in range(start, len(self)):
+            yield self.images[order[i * self.batch_size : (i + 1) * self.batch_size]]
+
+
+class LoaderBatches:
+    """Mini-batches streamed from a ``Dataset`` through a ``DataLoader`` with workers,
+    for image collections too large to hold in memory."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        device: torch.device,
+        seed: int = 0,
+        num_workers: int = 2,
+    ):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.seed = seed
+        self.num_workers = num_workers
+        self.num_data = len(dataset)
+
+    def __len__(self) -> int:
+        return -(-self.num_data // self.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        order = epoch_permutation(self.num_data, self.seed, epoch)[start * self.batch_size :]
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=order.tolist(),
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            yield batch.to(self.device, non_blocking=True)

@@ -1,0 +1,26 @@
+"""The exceptions a user of pyro_vae can meet, each naming one kind of mistake.
+
+They subclass the built-in exception a caller would otherwise expect, so code that
+catches ``ValueError`` keeps working; the command-line scripts print their message
+as one line instead of a traceback.
+"""
+
+
+class DataError(ValueError):
+    """The data is missing, malformed, or does not suit the chosen likelihood."""
+
+
+class CheckpointError(ValueError):
+    """A file is not a pyro_vae checkpoint, is damaged, or does not match the model."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss stopped being finite; ``step`` is the first bad optimizer step."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(
+            f"training loss became {loss} at step {step}; stopped before applying that step "
+            f"(try a lower learning rate)"
+        )
+        self.step = step
+        self.loss = loss

@@ -1,0 +1,127 @@
+"""Observation models p(x | z): decoder output -> a Pyro distribution over whole images.
+
+A decoder emits one raw number per pixel (``params``, shape ``(..., C, H, W)``). A
+likelihood turns those into a distribution whose event is the whole image
+(``.to_event(3)``), so one image is one draw and log-densities come per image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VAEConfig
+from .errors import DataError
+
+
+class Likelihood(nn.Module):
+    """Base class. ``preprocessing`` says how 8-bit images are made into data for it."""
+
+    #: "binarize" (a Bernoulli draw per pixel) or "dequantize" (uniform noise within a level).
+    preprocessing: str = "dequantize"
+
+    def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
+        """The distribution over images given the decoder's raw output."""
+        raise NotImplementedError
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """The expected image: what reconstructions and samples show."""
+        return self.distribution(params).mean
+
+    def check_data(self, x: torch.Tensor) -> None:
+        """Raise :class:`DataError` if ``x`` is outside this likelihood's support."""
+        if not x.is_floating_point():
+            raise DataError(f"data must be a floating-point tensor, got dtype {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise DataError("data contains NaN or infinite pixel values")
+
+
+class BernoulliLikelihood(Likelihood):
+    """Independent Bernoulli pixels with logits from the decoder; data must be 0 or 1."""
+
+    preprocessing = "binarize"
+
+    def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Bernoulli(logits=params).to_event(3)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(params)
+
+    def check_data(self, x: torch.Tensor) -> None:
+        super().check_data(x)
+        if not ((x == 0) | (x == 1)).all():
+            raise DataError(
+                "the bernoulli likelihood needs binary pixels (0 or 1) but the data has grey "
+                "values; binarize it, or choose likelihood 'continuous-bernoulli' or 'gaussian'"
+            )
+
+
+class ContinuousBernoulliLikelihood(Likelihood):
+    """The normalized continuous Bernoulli on [0, 1] (Loaiza-Ganem & Cunningham, 2019)."""
+
+    def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
+        return dist.ContinuousBernoulli(logits=params).to_event(3)
+
+    def check_data(self, x: torch.Tensor) -> None:
+        super().check_data(x)
+        if (x < 0).any() or (x > 1).any():
+            raise DataError(
+                "the continuous-bernoulli likelihood needs pixels in [0, 1]; "
+                f"the data ranges over [{x.min().item():.3g}, {x.max().item():.3g}]"
+            )
+
+
+class GaussianLikelihood(Likelihood):
+    """Normal(mean, sigma) pixels: the decoder gives the mean, sigma is fixed or learned.
+
+    A learned sigma (one shared value, or one per pixel) is bounded below by
+    ``floor``: ``sigma = floor + softplus(raw)``, never zero, so the density stays finite.
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        sigma: str = "shared",
+        init: float = 0.1,
+        floor: float = 1e-3,
+    ):
+        super().__init__()
+        self.floor = floor
+        if sigma == "fixed":
+            self.register_buffer("raw_sigma", torch.tensor(_inverse_softplus(init - floor)))
+        else:
+            shape = image_shape if sigma == "pixel" else ()
+            raw = torch.full(shape, _inverse_softplus(init - floor))
+            self.raw_sigma = nn.Parameter(raw)
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """The standard deviation in pixel units (a scalar or one per pixel)."""
+        return self.floor + F.softplus(self.raw_sigma)
+
+    def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
+        return dist.Normal(params, self.sigma.to(params.dtype)).to_event(3)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return params
+
+
+def _inverse_softplus(y: float) -> float:
+    """x with softplus(x) = y; y == 0 would need x = -inf, so it is clamped to a tiny value."""
+    y = max(y, 1e-12)
+    return y + math.log(-math.expm1(-y))
+
+
+def make_likelihood(config: VAEConfig) -> Likelihood:
+    """The likelihood named by ``config.likelihood``."""
+    if config.likelihood == "bernoulli":
+        return BernoulliLikelihood()
+    if config.likelihood == "continuous-bernoulli":
+        return ContinuousBernoulliLikelihood()
+    return GaussianLikelihood(
+        config.image_shape, config.gaussian_sigma, config.sigma_init, config.sigma_floor
+    )

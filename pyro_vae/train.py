@@ -1,0 +1,293 @@
+"""fit(): stochastic variational inference on a VAE, with checkpoints and resume.
+
+The loop is the textbook SVI step, written with a PyTorch optimizer over
+``vae.parameters()``: a Pyro ELBO's ``differentiable_loss`` of the model and guide on one
+mini-batch (scaled to the data set by the model's plate), ``backward``, ``step``.
+Training runs inside a private scope of Pyro's param store, so it never reads or
+overwrites parameters of other models in the same process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from . import evaluate
+from .checkpoint import check_config, load_checkpoint, save_checkpoint
+from .data import LoaderBatches, TensorBatches, fixed_preprocess, preprocess
+from .errors import DataError, TrainingDivergedError
+
+ELBOS = {"trace": Trace_ELBO, "jit": JitTrace_ELBO, "meanfield": TraceMeanField_ELBO}
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did. Losses are nats per image."""
+
+    epoch: int
+    #: optimizer steps taken so far, over all epochs.
+    step: int
+    #: mean training loss (negative, KL-weighted ELBO estimate) over the epoch's batches.
+    train_loss: float
+    #: ELBO of the held-out data with the weights at the end of the epoch (None: no test data).
+    test_elbo: float | None
+    #: wall-clock seconds of the epoch's training steps (held-out evaluation excluded).
+    seconds: float
+    #: KL weight (beta times warm-up) at the end of the epoch.
+    kl_weight: float
+
+
+@dataclass
+class History:
+    """The per-epoch record of a run; :meth:`to_rows` gives CSV/JSON-ready dicts."""
+
+    epochs: list[EpochRecord] = field(default_factory=list)
+
+    def to_rows(self) -> list[dict]:
+        return [asdict(record) for record in self.epochs]
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[dict]) -> History:
+        return cls([EpochRecord(**row) for row in rows])
+
+    def column(self, name: str) -> list:
+        """One field over all epochs, e.g. ``history.column("test_elbo")``."""
+        return [getattr(record, name) for record in self.epochs]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """ "auto" (or None) picks CUDA when a GPU is there, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+    return device
+
+
+def kl_weight_at(step: int, beta: float, warmup_steps: float) -> float:
+    """beta, ramped linearly from 0 over the first ``warmup_steps`` steps (Bowman et al.)."""
+    if warmup_steps <= 0:
+        return beta
+    return beta * min(1.0, (step + 1) / warmup_steps)
+
+
+def fit(
+    vae,
+    train: torch.Tensor | Dataset,
+    test: torch.Tensor | None = None,
+    *,
+    epochs: int = 10,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    beta: float = 1.0,
+    warmup: float = 0.0,
+    elbo: str = "trace",
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    num_workers: int = 2,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> History:
+    """Train ``vae`` by SVI on ``train`` and return the per-epoch :class:`History`.
+
+    :param train: ``(N, C, H, W)`` images, held on the device and batched by shuffled
+        index; uint8 images are binarized afresh each batch (Bernoulli likelihood) or
+        dequantized (continuous ones), floating-point data is used as it is. A
+        ``Dataset`` of uint8 images (e.g. :class:`~pyro_vae.data.ImageFolder`) is
+        streamed through a ``DataLoader`` with ``num_workers`` workers instead.
+    :param test: held-out images; their ELBO is recorded after each epoch. uint8 test
+        images get one fixed, seeded binarization or dequantization.
+    :param epochs: total epochs; a resumed run continues up to this number.
+    :param beta: weight of the KL term (1 is the true ELBO), applied with
+        ``poutine.scale`` to the latent site in both model and guide.
+    :param warmup: epochs over which the KL weight ramps linearly from 0 to ``beta``.
+    :param elbo: "trace" (``Trace_ELBO``), "jit" (``JitTrace_ELBO``) or "meanfield"
+        (``TraceMeanField_ELBO``, analytic KL where it exists).
+    :param seed: seeds Pyro/torch and the shuffling, so a run is reproducible.
+    :param checkpoint: file to write after every epoch, on Ctrl-C, and to resume from.
+    :param resume: continue from ``checkpoint`` if it exists (weights, optimizer,
+        progress, history, RNG states); its config must match ``vae.config``.
+    :raises TrainingDivergedError: when the loss stops being finite; the bad step is
+        not applied, and ``checkpoint`` keeps the last good epoch.
+    """
+    if elbo not in ELBOS:
+        raise ValueError(f"unknown elbo {elbo!r}; choose one of: {', '.join(ELBOS)}")
+    if epochs < 0 or batch_size < 1 or lr <= 0 or beta < 0 or warmup < 0:
+        raise ValueError("need epochs >= 0, batch_size >= 1, lr > 0, beta >= 0, warmup >= 0")
+    device = resolve_device(device)
+    vae.to(device)
+    vae.train()
+    pyro.set_rng_seed(seed)
+    batches = _batches(vae, train, batch_size, device, seed, num_workers)
+    test_x = None if test is None else _held_out(vae, test, device)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    run = _Progress()
+    history = History()
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        history, run = _restore(vae, optimizer, checkpoint, device)
+
+    def save(**extra) -> None:
+        if checkpoint is not None:
+            save_checkpoint(
+                checkpoint,
+                vae,
+                optimizer=optimizer.state_dict(),
+                progress=asdict(run),
+                history=history.to_rows(),
+                rng=_rng_state(),
+                **extra,
+            )
+
+    loss_fn = ELBOS[elbo]()
+    warmup_steps = warmup * len(batches)
+    with pyro.get_param_store().scope():
+        try:
+            while run.epoch < epochs:
+                start = time.perf_counter()
+                bar = tqdm(
+                    batches.epoch(run.epoch, run.batch),
+                    total=len(batches),
+                    initial=run.batch,
+                    desc=f"epoch {run.epoch + 1}/{epochs}",
+                    disable=not progress,
+                    leave=False,
+                )
+                for images in bar:
+                    x = preprocess(images, vae.likelihood.preprocessing)
+                    weight = kl_weight_at(run.step, beta, warmup_steps)
+                    with vae.kl_weight(weight):
+                        loss = loss_fn.differentiable_loss(
+                            vae.model, vae.guide, x, num_data=batches.num_data
+                        )
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise TrainingDivergedError(run.step + 1, value)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    run.advance(value / batches.num_data, x.shape[0])
+                    if run.batch % 10 == 0:
+                        bar.set_postfix(loss=f"{run.loss_sum / run.images:.2f}")
+                run.seconds += time.perf_counter() - start
+                test_elbo = None
+                if test_x is not None:
+                    vae.eval()
+                    test_elbo = evaluate.elbo(vae, test_x).mean().item()
+                    vae.train()
+                history.epochs.append(
+                    EpochRecord(
+                        epoch=run.epoch + 1,
+                        step=run.step,
+                        train_loss=run.loss_sum / max(run.images, 1),
+                        test_elbo=test_elbo,
+                        seconds=run.seconds,
+                        kl_weight=kl_weight_at(run.step - 1, beta, warmup_steps),
+                    )
+                )
+                if progress:
+                    tqdm.write(_describe(history.epochs[-1], epochs))
+                run.next_epoch()
+                save()
+        except KeyboardInterrupt:
+            run.seconds += time.perf_counter() - start
+            save()
+            raise
+    vae.eval()
+    return history
+
+
+@dataclass
+class _Progress:
+    """Where a run stands; stored in checkpoints so a resumed run picks up mid-epoch."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    images: int = 0
+    seconds: float = 0.0
+
+    def advance(self, loss_per_image: float, batch_images: int) -> None:
+        # the loss is scaled to the whole data set; weigh it by the batch's share
+        self.loss_sum += loss_per_image * batch_images
+        self.images += batch_images
+        self.batch += 1
+        self.step += 1
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch, self.loss_sum, self.images, self.seconds = 0, 0.0, 0, 0.0
+
+
+def _describe(record: EpochRecord, epochs: int) -> str:
+    test = "" if record.test_elbo is None else f"  test ELBO {record.test_elbo:.2f}"
+    return (
+        f"epoch {record.epoch}/{epochs}  train loss {record.train_loss:.2f}{test}"
+        f"  ({record.seconds:.1f} s)"
+    )
+
+
+def _check_shape(vae, shape: tuple[int, ...], what: str) -> None:
+    if tuple(shape) != vae.config.image_shape:
+        got = "x".join(map(str, shape))
+        want = "x".join(map(str, vae.config.image_shape))
+        raise DataError(f"{what} images are {got} (C x H x W) but the model expects {want}")
+
+
+def _batches(vae, train, batch_size: int, device: torch.device, seed: int, num_workers: int):
+    if isinstance(train, torch.Tensor):
+        if train.dim() != 4 or train.shape[0] == 0:
+            raise DataError(
+                f"training data must be a non-empty (N, C, H, W) tensor, got {tuple(train.shape)}"
+            )
+        _check_shape(vae, train.shape[1:], "training")
+        if train.is_floating_point():
+            vae.likelihood.check_data(train)
+        return TensorBatches(train, batch_size, device, seed)
+    if len(train) == 0:
+        raise DataError("the training set is empty")
+    _check_shape(vae, train[0].shape, "training")
+    return LoaderBatches(train, batch_size, device, seed, num_workers)
+
+
+def _held_out(vae, test: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if test.dim() != 4 or test.shape[0] == 0:
+        raise DataError(
+            f"test data must be a non-empty (N, C, H, W) tensor, got {tuple(test.shape)}"
+        )
+    _check_shape(vae, test.shape[1:], "test")
+    x = fixed_preprocess(test.to(device), vae.likelihood.preprocessing)
+    vae.likelihood.check_data(x)
+    return x
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore(vae, optimizer, checkpoint, device) -> tuple[History, _Progress]:
+    state = load_checkpoint(checkpoint, map_location=device)
+    check_config(state["config"], vae.config, checkpoint)
+    vae.load_state_dict(state["model"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    rng = state.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"].cpu())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    return History.from_rows(state.get("history", [])), _Progress(**state.get("progress", {}))

@@ -1,0 +1,184 @@
+"""The VAE as a Pyro model and guide.
+
+Generative story (the model)::
+
+    for each image n in the data plate:
+        z_n ~ p(z)                       # latent site  "<name>.z"
+        x_n ~ p(x | decoder(z_n))        # observed site "<name>.x"
+
+and the amortized guide ``z_n ~ q(z | encoder(x_n))``. The plate is "<name>.data".
+With ``num_data`` given, a batch is a subsample of a data set of that size, and every
+log-density in the plate is scaled by ``num_data / batch``, so the ELBO of a batch is
+an unbiased estimate of the ELBO of the whole data set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule, pyro_method
+
+from .config import VAEConfig
+from .latents import make_latent
+from .likelihoods import make_likelihood
+from .nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+
+
+class VAE(PyroModule):
+    """A variational autoencoder whose ``model`` and ``guide`` are ordinary Pyro programs.
+
+    :param config: the architecture; keyword arguments build one when it is omitted,
+        e.g. ``VAE(likelihood="gaussian", arch="conv")``.
+
+    Site names are public: :attr:`data_site`, :attr:`z_site`, :attr:`x_site`, each
+    prefixed by ``config.name`` so that two VAEs can live in one Pyro program. Parameter
+    names in Pyro's param store carry the same prefix.
+    """
+
+    def __init__(self, config: VAEConfig | None = None, **kwargs):
+        if config is None:
+            config = VAEConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a VAEConfig or keyword arguments, not both")
+        super().__init__(name=config.name)
+        self.config = config
+        self.latent = make_latent(config)
+        if config.arch == "mlp":
+            self.encoder = MLPEncoder(
+                config.image_shape, config.hidden, self.latent.encoder_features
+            )
+            self.decoder = MLPDecoder(
+                self.latent.decoder_features, config.hidden, config.image_shape
+            )
+        else:
+            self.encoder = ConvEncoder(
+                config.image_shape, config.channels, config.hidden, self.latent.encoder_features
+            )
+            self.decoder = ConvDecoder(
+                self.latent.decoder_features, config.channels, config.hidden, config.image_shape
+            )
+        self.likelihood = make_likelihood(config)
+        self._kl_weight = 1.0
+
+    @property
+    def data_site(self) -> str:
+        """Name of the plate over images."""
+        return f"{self.config.name}.data"
+
+    @property
+    def z_site(self) -> str:
+        """Name of the latent sample site."""
+        return f"{self.config.name}.z"
+
+    @property
+    def x_site(self) -> str:
+        """Name of the observed image site."""
+        return f"{self.config.name}.x"
+
+    @contextlib.contextmanager
+    def kl_weight(self, weight: float) -> Iterator[None]:
+        """Scale the latent site by ``weight`` (beta) in both model and guide while inside.
+
+        Scaling log p(z) and log q(z | x) alike multiplies the KL term of the ELBO and
+        leaves the reconstruction term alone, as a beta-VAE or a KL warm-up needs.
+        """
+        previous, self._kl_weight = self._kl_weight, float(weight)
+        try:
+            yield
+        finally:
+            self._kl_weight = previous
+
+    # ----------------------------------------------------------------- Pyro programs
+    @pyro_method
+    def model(
+        self,
+        x: torch.Tensor | None = None,
+        *,
+        num_data: int | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """p(z) p(x | z). With ``x`` given it is observed; with ``x=None`` the model draws
+        ``batch_size`` new images. Returns the decoder's mean image for each z.
+        """
+        like = x if x is not None else self._a_parameter()
+        with self._plate(x, num_data, batch_size) as index:
+            with self._latent_scale():
+                z = pyro.sample(self.z_site, self.latent.prior(index.shape, like))
+            params = self.decoder(z)
+            pyro.sample(self.x_site, self.likelihood.distribution(params), obs=x)
+        return self.likelihood.mean(params)
+
+    @pyro_method
+    def guide(
+        self,
+        x: torch.Tensor | None = None,
+        *,
+        num_data: int | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """q(z | x), amortized by the encoder. Returns the sampled z."""
+        if x is None:
+            raise ValueError(
+                "the guide encodes observed images, so it needs x; to generate new images "
+                "run the model alone, e.g. vae.model(batch_size=16)"
+            )
+        with self._plate(x, num_data, batch_size), self._latent_scale():
+            return pyro.sample(self.z_site, self.latent.posterior(self.encoder(x)))
+
+    def _plate(
+        self, x: torch.Tensor | None, num_data: int | None, batch_size: int | None
+    ) -> pyro.plate:
+        if x is None:
+            if batch_size is None:
+                raise ValueError("with x=None the model needs batch_size: how many images to draw")
+            batch = int(batch_size)
+            device = self._a_parameter().device
+        else:
+            if tuple(x.shape[-3:]) != self.config.image_shape or x.dim() != 4:
+                want = ", ".join(map(str, self.config.image_shape))
+                raise ValueError(f"expected images of shape (batch, {want}), got {tuple(x.shape)}")
+            batch, device = x.shape[0], x.device
+            if batch_size is not None and batch_size != batch:
+                raise ValueError(f"batch_size={batch_size} but x holds {batch} images")
+        size = batch if num_data is None else int(num_data)
+        if size < batch:
+            raise ValueError(f"num_data={size} is smaller than the batch of {batch} images")
+        # An explicit subsample keeps the plate from drawing a random permutation of the
+        # whole data set on every step; the batch already is the subsample.
+        subsample = None if size == batch else torch.arange(batch, device=device)
+        return pyro.plate(self.data_site, size, subsample=subsample, dim=-1, device=device)
+
+    def _latent_scale(self) -> contextlib.AbstractContextManager:
+        if self._kl_weight == 1.0:
+            return contextlib.nullcontext()
+        return poutine.scale(scale=self._kl_weight)
+
+    def _a_parameter(self) -> torch.Tensor:
+        return next(self.decoder.parameters())
+
+    # ----------------------------------------------------------------- plain helpers
+    def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """q(z | x) for a batch of images."""
+        return self.latent.posterior(self.encoder(x))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """One code per image: the posterior mean."""
+        return self.latent.code(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean image for each code; any leading dimensions are kept."""
+        return self.likelihood.mean(self.decoder(z))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)): the mean image of each input's most likely code."""
+        return self.decode(self.encode(x))
+
+    def sample(self, num_images: int) -> torch.Tensor:
+        """Mean images decoded from ``num_images`` draws of the prior."""
+        like = self._a_parameter()
+        return self.decode(self.latent.prior((num_images,), like).sample())

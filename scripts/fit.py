@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Fit a VAE and write a run folder: config, history, metrics, checkpoint and pictures.
+
+python scripts/fit.py --likelihood gaussian --epochs 10 --out runs/gaussian
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+from _cli import add_data_args, load_data, run_main
+
+from pyro_vae import VAE, VAEConfig, fit, plots
+from pyro_vae.config import ARCHS, GAUSSIAN_SIGMAS, LIKELIHOODS
+from pyro_vae.data import ImageSet, fixed_preprocess
+from pyro_vae.errors import CheckpointError, TrainingDivergedError
+from pyro_vae.evaluate import bits_per_dim
+from pyro_vae.train import ELBOS, resolve_device
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fit.py", description=__doc__.splitlines()[0])
+    model = p.add_argument_group("model")
+    model.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli")
+    model.add_argument("--arch", choices=ARCHS, default="mlp")
+    model.add_argument("--latent-dim", type=int, default=50)
+    model.add_argument("--hidden", type=int, default=400, help="hidden units (MLP and conv head)")
+    model.add_argument("--channels", type=int, default=32, help="conv: first feature maps")
+    model.add_argument("--gaussian-sigma", choices=GAUSSIAN_SIGMAS, default="shared")
+    model.add_argument("--sigma-init", type=float, default=0.1)
+    model.add_argument("--name", default="vae", help="prefix of Pyro site and parameter names")
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=256)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--beta", type=float, default=1.0, help="KL weight (1 = the ELBO)")
+    train.add_argument("--warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
+    train.add_argument("--elbo", choices=list(ELBOS), default="trace")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--limit", type=int, help="train on the first N images only")
+    train.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_data_args(p)
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, help="run folder (default runs/<likelihood>-<arch>)")
+    out.add_argument("--resume", action="store_true", help="continue the run in --out")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "limit", "test_limit", "latent_dim", "hidden"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "epochs" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    out = args.out or Path("runs") / f"{args.likelihood}-{args.arch}"
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists() and not args.resume:
+        raise CheckpointError(
+            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    if args.resume and not checkpoint.exists():
+        raise CheckpointError(f"--resume: there is no checkpoint at {checkpoint}")
+    device = resolve_device(args.device)
+    train, test = load_data(args)
+    if isinstance(train, ImageSet):
+        train = train.head(args.limit).images
+    elif args.limit is not None:
+        train = torch.utils.data.Subset(train, range(min(args.limit, len(train))))
+    test = test.head(args.test_limit).images
+    config = VAEConfig(
+        image_shape=tuple(test.shape[1:]),
+        likelihood=args.likelihood,
+        arch=args.arch,
+        latent_dim=args.latent_dim,
+        hidden=args.hidden,
+        channels=args.channels,
+        gaussian_sigma=args.gaussian_sigma,
+        sigma_init=args.sigma_init,
+        name=args.name,
+    )
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(
+        json.dumps({"model": config.to_dict(), "args": settings}, indent=2)
+    )
+
+    vae = VAE(config)
+    try:
+        history = fit(
+            vae,
+            train,
+            test,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            beta=args.beta,
+            warmup=args.warmup,
+            elbo=args.elbo,
+            seed=args.seed,
+            device=device,
+            num_workers=args.num_workers,
+            checkpoint=checkpoint,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: progress saved in {checkpoint}; continue with --resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+    except TrainingDivergedError as error:
+        kept = (
+            f"the last good epoch is in {checkpoint}"
+            if checkpoint.exists()
+            else "no epoch finished"
+        )
+        error.args = (f"{error}; {kept}",)
+        raise
+    write_outputs(out, vae, history, test, args)
+    print(
+        f"wrote {out}/: config.json history.csv metrics.json checkpoint.pt loss.png "
+        "reconstructions.png samples.png"
+    )
+
+
+def write_outputs(out: Path, vae: VAE, history, test: torch.Tensor, args) -> None:
+    rows = history.to_rows()
+    with open(out / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["epoch"])
+        writer.writeheader()
+        writer.writerows(rows)
+    final = rows[-1] if rows else {}
+    metrics = {
+        "test_elbo": final.get("test_elbo"),
+        "unit": "nats per image",
+        "test_images": int(test.shape[0]),
+        "epochs": final.get("epoch", 0),
+        "train_seconds": sum(r["seconds"] for r in rows),
+        "likelihood": vae.config.likelihood,
+        "data": "binarized with a fixed seed"
+        if vae.likelihood.preprocessing == "binarize"
+        else "uniformly dequantized with a fixed seed",
+    }
+    if vae.likelihood.preprocessing == "dequantize" and final.get("test_elbo") is not None:
+        metrics["test_bits_per_dim_bound"] = bits_per_dim(
+            -final["test_elbo"], vae.config.num_pixels
+        )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    device = next(vae.parameters()).device
+    plots.save(plots.loss_curves(history), out / "loss.png")
+    with torch.no_grad():
+        originals = fixed_preprocess(test[:32].to(device), vae.likelihood.preprocessing)
+        plots.save(
+            plots.reconstructions(originals, vae.reconstruct(originals)),
+            out / "reconstructions.png",
+        )
+        torch.manual_seed(args.seed)
+        plots.save(
+            plots.image_grid(vae.sample(64), "decoder means of prior samples"), out / "samples.png"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, parser()))
