@@ -31,6 +31,9 @@ class VAEConfig:
     #: hidden units of each MLP layer, and of the conv nets' fully connected layer.
     #: 400 is Pyro's VAE example.
     hidden: int = 400
+    #: hidden layers of each MLP (encoder and decoder alike); 1 is Pyro's VAE example,
+    #: 2 the deterministic layers of Burda et al.'s one-stochastic-layer models.
+    depth: int = 1
     #: channels of the conv nets' first feature maps (the second has twice as many).
     channels: int = 32
     #: Gaussian likelihood only: "shared" learns one sigma for all pixels, "pixel" one per
@@ -62,7 +65,7 @@ class VAEConfig:
                 f"arch 'conv' halves the image twice, so height and width must be multiples "
                 f"of 4; got {shape[1]} x {shape[2]} (resize the images, or use arch 'mlp')"
             )
-        for key in ("latent_dim", "hidden", "channels"):
+        for key in ("latent_dim", "hidden", "depth", "channels"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
         if not 0 < self.sigma_floor <= self.sigma_init:

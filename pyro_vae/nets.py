@@ -26,31 +26,40 @@ class _LeadingDims(nn.Module):
         return out.reshape((*lead, *out.shape[1:]))
 
 
-class MLPEncoder(_LeadingDims):
-    """(…, C, H, W) image -> (…, out_features); one Softplus hidden layer as in Pyro's VAE."""
+def _mlp(sizes: list[int]) -> list[nn.Module]:
+    """Linear layers through ``sizes`` with Softplus between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.Softplus())
+    return layers
 
-    def __init__(self, image_shape: tuple[int, int, int], hidden: int, out_features: int):
+
+class MLPEncoder(_LeadingDims):
+    """(…, C, H, W) image -> (…, out_features) through ``depth`` Softplus hidden layers
+    (one, as in Pyro's VAE example, by default)."""
+
+    def __init__(
+        self, image_shape: tuple[int, int, int], hidden: int, out_features: int, depth: int = 1
+    ):
         super().__init__()
         self.event_dims = 3
-        self.net = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(image_shape[0] * image_shape[1] * image_shape[2], hidden),
-            nn.Softplus(),
-            nn.Linear(hidden, out_features),
-        )
+        pixels = image_shape[0] * image_shape[1] * image_shape[2]
+        self.net = nn.Sequential(nn.Flatten(), *_mlp([pixels, *[hidden] * depth, out_features]))
 
 
 class MLPDecoder(_LeadingDims):
     """(…, in_features) code -> (…, C, H, W) raw pixel parameters."""
 
-    def __init__(self, in_features: int, hidden: int, image_shape: tuple[int, int, int]):
+    def __init__(
+        self, in_features: int, hidden: int, image_shape: tuple[int, int, int], depth: int = 1
+    ):
         super().__init__()
         self.event_dims = 1
+        pixels = image_shape[0] * image_shape[1] * image_shape[2]
         self.net = nn.Sequential(
-            nn.Linear(in_features, hidden),
-            nn.Softplus(),
-            nn.Linear(hidden, image_shape[0] * image_shape[1] * image_shape[2]),
-            nn.Unflatten(1, image_shape),
+            *_mlp([in_features, *[hidden] * depth, pixels]), nn.Unflatten(1, image_shape)
         )
 
 

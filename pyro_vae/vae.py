@@ -50,10 +50,10 @@ class VAE(PyroModule):
         self.latent = make_latent(config)
         if config.arch == "mlp":
             self.encoder = MLPEncoder(
-                config.image_shape, config.hidden, self.latent.encoder_features
+                config.image_shape, config.hidden, self.latent.encoder_features, config.depth
             )
             self.decoder = MLPDecoder(
-                self.latent.decoder_features, config.hidden, config.image_shape
+                self.latent.decoder_features, config.hidden, config.image_shape, config.depth
             )
         else:
             self.encoder = ConvEncoder(

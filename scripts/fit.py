@@ -30,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--arch", choices=ARCHS, default="mlp")
     model.add_argument("--latent-dim", type=int, default=50)
     model.add_argument("--hidden", type=int, default=400, help="hidden units (MLP and conv head)")
+    model.add_argument("--depth", type=int, default=1, help="MLP: hidden layers")
     model.add_argument("--channels", type=int, default=32, help="conv: first feature maps")
     model.add_argument("--gaussian-sigma", choices=GAUSSIAN_SIGMAS, default="shared")
     model.add_argument("--sigma-init", type=float, default=0.1)
@@ -79,6 +80,7 @@ def main(args: argparse.Namespace) -> None:
         arch=args.arch,
         latent_dim=args.latent_dim,
         hidden=args.hidden,
+        depth=args.depth,
         channels=args.channels,
         gaussian_sigma=args.gaussian_sigma,
         sigma_init=args.sigma_init,
