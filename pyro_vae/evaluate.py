@@ -22,7 +22,11 @@ PARTICLE_PLATE = "_pyro_vae_particles"
 @torch.no_grad()
 def log_weights(vae, x: torch.Tensor, num_particles: int = 1) -> torch.Tensor:
     """``(num_particles, batch)`` log importance weights, particles vectorized in a plate."""
-    with pyro.plate(PARTICLE_PLATE, num_particles, dim=-2, device=x.device):
+    # a private param store scope: evaluating must not register parameters in the user's
+    with (
+        pyro.get_param_store().scope(),
+        pyro.plate(PARTICLE_PLATE, num_particles, dim=-2, device=x.device),
+    ):
         guide_trace = poutine.trace(vae.guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
     model_trace.compute_log_prob()

@@ -152,6 +152,9 @@ def fit(
             )
 
     loss_fn = ELBOS[elbo]()
+    # bound once: JitTrace_ELBO keys its compiled graph on the identity of model and guide,
+    # and every attribute access makes a new bound method
+    model, guide = vae.model, vae.guide
     warmup_steps = warmup * len(batches)
     with pyro.get_param_store().scope(), _DeferredInterrupt() as interrupt:
         try:
@@ -171,7 +174,7 @@ def fit(
                     try:
                         with vae.kl_weight(weight):
                             loss = loss_fn.differentiable_loss(
-                                vae.model, vae.guide, x, num_data=batches.num_data
+                                model, guide, x, num_data=batches.num_data
                             )
                     except ValueError as error:
                         # distribution validation meets NaN parameters before the loss does

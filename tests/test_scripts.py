@@ -221,3 +221,36 @@ def test_user_mistakes_are_one_line_errors(monkeypatch, capsys, tmp_path, mnist_
         tmp_path / "e",
     )
     assert_one_line_error(code, err, "multiples of 4")
+
+
+def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoint(
+    monkeypatch, capsys, tmp_path, mnist_dir
+):
+    from pyro_vae.likelihoods import BernoulliLikelihood
+
+    original = BernoulliLikelihood.distribution
+    calls = {"n": 0}
+
+    def poisoned(self, params):
+        calls["n"] += 1  # 4 training steps, 1 test evaluation, then the 5th step
+        return original(self, params * float("nan") if calls["n"] >= 6 else params)
+
+    monkeypatch.setattr(BernoulliLikelihood, "distribution", poisoned)
+    out = tmp_path / "run"
+    code, _, err = run_script(
+        monkeypatch,
+        capsys,
+        "fit.py",
+        "--data-dir",
+        mnist_dir,
+        "--epochs",
+        "2",
+        "--out",
+        out,
+        *QUICK,
+    )
+    assert_one_line_error(code, err, "at step 5")
+    assert f"the last good epoch is in {out / 'checkpoint.pt'}" in err
+    from pyro_vae import load_checkpoint
+
+    assert load_checkpoint(out / "checkpoint.pt")["progress"]["epoch"] == 1
