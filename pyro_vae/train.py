@@ -132,6 +132,8 @@ def fit(
     vae.train()
     pyro.set_rng_seed(seed)
     batches = _batches(vae, train, batch_size, device, seed, num_workers)
+    # a streamed data set is seen one batch at a time: float batches are checked as they come
+    check_batches = not isinstance(train, torch.Tensor) and train[0].is_floating_point()
     test_x = None if test is None else _held_out(vae, test, device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     run = _Progress()
@@ -171,16 +173,15 @@ def fit(
                 for images in bar:
                     x = preprocess(images, vae.likelihood.preprocessing)
                     weight = kl_weight_at(run.step, beta, warmup_steps)
-                    try:
-                        with vae.kl_weight(weight):
-                            loss = loss_fn.differentiable_loss(
-                                model, guide, x, num_data=batches.num_data
-                            )
-                    except ValueError as error:
-                        # distribution validation meets NaN parameters before the loss does
-                        if "invalid values" not in str(error):
-                            raise
-                        raise TrainingDivergedError(run.step + 1, float("nan")) from None
+                    if check_batches:
+                        vae.likelihood.check_data(x)
+                    # The data were checked against the likelihood's support before training
+                    # (and NaN parameters surface as a non-finite loss below), so Pyro's
+                    # per-step argument and support checks would only repeat that work.
+                    with vae.kl_weight(weight), pyro.validation_enabled(False):
+                        loss = loss_fn.differentiable_loss(
+                            model, guide, x, num_data=batches.num_data
+                        )
                     value = loss.item()
                     if not math.isfinite(value):
                         raise TrainingDivergedError(run.step + 1, value)

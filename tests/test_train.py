@@ -84,6 +84,7 @@ def test_kl_warmup_ramps_linearly_and_is_recorded(digits):
     assert history.column("kl_weight") == [0.5, 1.0]
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_divergence_stops_before_the_bad_step_and_keeps_the_last_good_checkpoint(digits, tmp_path):
     vae = VAE(**SMALL)
     path = tmp_path / "run.pt"
