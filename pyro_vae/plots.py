@@ -177,10 +177,14 @@ def latent_scatter(codes: torch.Tensor, labels: torch.Tensor | None = None):
         share = singular.square() / singular.square().sum()
         axis_names = tuple(f"PC{i + 1} ({share[i]:.0%} of variance)" for i in range(2))
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    colours = None if labels is None else labels.cpu().numpy()
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=colours, cmap="tab10", s=6, alpha=0.7)
-    if labels is not None:
-        fig.colorbar(scatter, ax=ax, label="label", ticks=sorted(set(colours.tolist())))
+    if labels is None:
+        ax.scatter(points[:, 0], points[:, 1], s=6, alpha=0.7)
+    else:
+        labels = labels.cpu()
+        for label in labels.unique().tolist():
+            chosen = labels == label
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=6, alpha=0.7, label=str(label))
+        ax.legend(title="label", markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5))
     ax.set_xlabel(axis_names[0])
     ax.set_ylabel(axis_names[1])
     ax.set_title("encoded test images")
