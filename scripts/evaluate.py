@@ -15,9 +15,9 @@ import torch
 from _cli import add_data_args, load_data, run_main
 
 from pyro_vae import plots
-from pyro_vae.checkpoint import load_vae
+from pyro_vae.checkpoint import load_checkpoint, load_vae
 from pyro_vae.evaluate import evaluate_vae, kl_per_unit, prepare_held_out
-from pyro_vae.train import resolve_device
+from pyro_vae.train import History, resolve_device
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,6 +80,10 @@ def main(args: argparse.Namespace) -> None:
     written = ["evaluation.json"]
     if not args.no_plots:
         written += write_pictures(out, vae, test)
+        history = History.from_rows(load_checkpoint(args.checkpoint).get("history", []))
+        if history.epochs:
+            plots.save(plots.loss_curves(history), out / "loss.png")
+            written.append("loss.png")
     print(f"wrote {out}/: {' '.join(written)}")
 
 

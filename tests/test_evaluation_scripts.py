@@ -67,7 +67,7 @@ def test_evaluate_script_writes_numbers_and_pictures(fitted, mnist_dir, tmp_path
     assert math.isfinite(result["log_likelihood"]) and result["nll"] == -result["log_likelihood"]
     assert result["log_likelihood"] > result["elbo"] - 1.0
     assert len(result["kl_per_unit"]) == 2 and 0 <= result["active_units"] <= 2
-    for picture in ("latent_scatter", "interpolation", "traversals", "manifold"):
+    for picture in ("latent_scatter", "interpolation", "traversals", "manifold", "loss"):
         with Image.open(tmp_path / f"{picture}.png") as image:
             assert min(image.size) > 100
 
