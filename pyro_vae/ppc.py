@@ -263,6 +263,7 @@ def plot_statistics(idata: az.InferenceData, group: str = "posterior", num_pp_sa
         idata,
         var_names=names,
         group=group,
+        observed=True,  # ArviZ leaves the data out of prior checks unless asked
         num_pp_samples=min(num_pp_samples, idata[f"{group}_predictive"].sizes["draw"]),
         random_seed=0,
         figsize=(5 * len(names), 4),

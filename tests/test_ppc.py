@@ -160,7 +160,11 @@ def test_inference_data_groups_dims_netcdf_and_plot_ppc(images, tmp_path):
 
     for group in ("posterior", "prior"):
         fig = ppc.plot_statistics(idata, group)
-        assert len(fig.axes) >= 3 and all(ax.lines for ax in fig.axes[:3])
+        # one panel per statistic, each with the observed data's curve against the draws
+        assert len(fig.axes) >= 3
+        for ax in fig.axes[:3]:
+            labels = [line.get_label() for line in ax.lines]
+            assert "Observed" in labels and f"{group.title()} predictive" in labels
         matplotlib.pyplot.close(fig)
 
 
