@@ -110,7 +110,7 @@ def write_pictures(out: Path, vae, test) -> list[str]:
             )
             written.append("traversals.png")
         if codes.dim() == 2 and codes.shape[1] == 2:
-            plots.save(plots.latent_manifold(vae.decode), out / "manifold.png")
+            plots.save(plots.latent_manifold(vae.decode, device=codes.device), out / "manifold.png")
             written.append("manifold.png")
     return written
 
