@@ -3,7 +3,7 @@
 from .checkpoint import load_checkpoint, load_vae, save_checkpoint
 from .config import VAEConfig
 from .errors import CheckpointError, DataError, TrainingDivergedError
-from .evaluate import elbo, iwae_log_likelihood
+from .evaluate import Evaluation, elbo, evaluate_vae, iwae_log_likelihood
 from .train import EpochRecord, History, fit
 from .vae import VAE
 
@@ -12,10 +12,12 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "EpochRecord",
+    "Evaluation",
     "History",
     "TrainingDivergedError",
     "VAEConfig",
     "elbo",
+    "evaluate_vae",
     "fit",
     "iwae_log_likelihood",
     "load_checkpoint",

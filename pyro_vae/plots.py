@@ -101,3 +101,137 @@ def save(fig, path: str | Path, dpi: int = 120) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------- latent space
+def latent_traversals(decode, z: torch.Tensor, dims: list[int], span: float = 3.0, steps: int = 9):
+    """One row per latent coordinate in ``dims``: that coordinate of the code ``z`` swept
+    over ``[-span, span]`` (prior standard deviations), all others held fixed.
+
+    :param decode: code(s) -> mean image(s), e.g. ``vae.decode``.
+    """
+    values = torch.linspace(-span, span, steps, dtype=z.dtype, device=z.device)
+    codes = z.expand(len(dims), steps, *z.shape).clone()
+    for row, dim in enumerate(dims):
+        codes[row, :, dim] = values
+    images = decode(codes).flatten(0, 1)
+    plt = _plt()
+    array = tile(images, steps)
+    fig, ax = plt.subplots(figsize=(steps * 0.8 + 1, len(dims) * 0.8 + 0.8))
+    ax.imshow(array, cmap="gray" if array.ndim == 2 else None, vmin=0, vmax=1)
+    height = images.shape[-2] + 1
+    ax.set_yticks([1 + height * (r + 0.5) for r in range(len(dims))], [f"z[{d}]" for d in dims])
+    width = images.shape[-1] + 1
+    ax.set_xticks([1 + width * (c + 0.5) for c in range(steps)], [f"{v:+.1f}" for v in values])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title("latent traversals: one coordinate varied, the others fixed")
+    fig.tight_layout()
+    return fig
+
+
+def interpolation(
+    decode,
+    z_start: torch.Tensor,
+    z_end: torch.Tensor,
+    start_image: torch.Tensor | None = None,
+    end_image: torch.Tensor | None = None,
+    steps: int = 10,
+):
+    """Decoded codes on the straight line from ``z_start`` to ``z_end``, flanked by the two
+    encoded images when they are given."""
+    weights = torch.linspace(0, 1, steps, dtype=z_start.dtype, device=z_start.device)
+    shape = (steps, *[1] * z_start.dim())
+    codes = z_start + weights.reshape(shape) * (z_end - z_start)
+    images = decode(codes)
+    if start_image is not None and end_image is not None:
+        images = torch.cat([start_image[None], images, end_image[None]])
+    title = "interpolation between two encoded images"
+    if start_image is not None:
+        title += " (originals at the ends)"
+    return image_grid(images, title, ncol=images.shape[0])
+
+
+def latent_manifold(decode, n: int = 20, device: torch.device | str = "cpu"):
+    """The learned 2-D manifold: decoded codes on an ``n x n`` grid of the prior's
+    quantiles (5% to 95% in each coordinate), as in Kingma & Welling (2014, Fig. 4)."""
+    quantiles = torch.linspace(0.05, 0.95, n, device=device)
+    values = torch.distributions.Normal(0.0, 1.0).icdf(quantiles)
+    # rows go down the image, so the second coordinate runs from high to low
+    grid = torch.stack(torch.meshgrid(values, values.flip(0), indexing="xy"), -1)
+    return image_grid(decode(grid.reshape(n * n, 2)), "2-D latent manifold (prior quantiles)", n)
+
+
+def latent_scatter(codes: torch.Tensor, labels: torch.Tensor | None = None):
+    """Codes of encoded images as points coloured by label: the codes themselves when
+    they are 2-D, otherwise their first two principal components."""
+    plt = _plt()
+    points = codes.detach().float().cpu().flatten(1)
+    if points.shape[1] == 2:
+        axis_names = ("z[0]", "z[1]")
+    else:
+        centred = points - points.mean(0)
+        _, singular, basis = torch.linalg.svd(centred, full_matrices=False)
+        points = centred @ basis[:2].T
+        share = singular.square() / singular.square().sum()
+        axis_names = tuple(f"PC{i + 1} ({share[i]:.0%} of variance)" for i in range(2))
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    if labels is None:
+        ax.scatter(points[:, 0], points[:, 1], s=6, alpha=0.7)
+    else:
+        labels = labels.cpu()
+        for label in labels.unique().tolist():
+            chosen = labels == label
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=6, alpha=0.7, label=str(label))
+        ax.legend(title="label", markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5))
+    ax.set_xlabel(axis_names[0])
+    ax.set_ylabel(axis_names[1])
+    ax.set_title("encoded test images")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- checks
+def replicate_grid(observed: torch.Tensor, replicated: torch.Tensor, title: str | None = None):
+    """Held-out images (top row) above draws replicated for each of them (one row per
+    draw): ``observed`` is ``(N, C, H, W)``, ``replicated`` ``(S, N, C, H, W)``."""
+    n = observed.shape[0]
+    images = torch.cat([observed[None], replicated]).flatten(0, 1)
+    title = title or "top row: held-out images; rows below: replicates drawn for each"
+    return image_grid(images, title, ncol=n)
+
+
+def discrepancy_scatter(observed: torch.Tensor, replicated: torch.Tensor, p_value: float):
+    """Realized against replicated discrepancy, one point per (draw, image): the
+    log-likelihood ``log p(x | z)`` of the real image (x axis) and of its replicate
+    (y axis) under the same z. Points above the diagonal: the replicate fits better."""
+    plt = _plt()
+    obs = observed.detach().cpu().flatten().numpy()
+    rep = replicated.detach().cpu().flatten().numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.scatter(obs, rep, s=4, alpha=0.3)
+    low, high = min(obs.min(), rep.min()), max(obs.max(), rep.max())
+    ax.plot([low, high], [low, high], color="black", linewidth=1, label="y = x")
+    ax.set_xlabel("log p(x | z), held-out image (nats)")
+    ax.set_ylabel("log p(x_rep | z), replicate (nats)")
+    ax.set_title(f"log-likelihood discrepancy, p = {p_value:.3f}")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def p_value_map(p_values: torch.Tensor, title: str = "per-pixel p-values of the mean image"):
+    """Posterior predictive p-values of a per-pixel statistic as an image: white is 0.5
+    (the data are typical of the model); red: the replicates are darker than the data
+    there (the model under-predicts the pixel), blue: brighter (it over-predicts)."""
+    plt = _plt()
+    values = p_values.detach().float().cpu()
+    array = values[0] if values.shape[0] == 1 else values.mean(0)
+    fig, ax = plt.subplots(figsize=(5, 4.3))
+    shown = ax.imshow(array.numpy(), cmap="RdBu", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    fig.colorbar(shown, ax=ax, label="P(T(x_rep) > T(x))")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
