@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import runpy
 import sys
 from pathlib import Path
@@ -13,22 +12,8 @@ import arviz as az
 import pytest
 from PIL import Image
 
-from pyro_vae.data import load_mnist
-from pyro_vae.errors import DataError
-
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
-
-
-@pytest.fixture(scope="module")
-def mnist_dir() -> Path:
-    """``$PYRO_VAE_MNIST_DIR``, else the project's shared data beside the checkout."""
-    root = Path(os.environ.get("PYRO_VAE_MNIST_DIR", REPO.parent / "shared" / "data"))
-    try:
-        load_mnist(root, "test", download=False)
-    except DataError as error:  # fail, never skip: without MNIST these tests test nothing
-        pytest.fail(f"MNIST is needed by the tests: {error}", pytrace=False)
-    return root
 
 
 def run_script(name: str, *args) -> int:
