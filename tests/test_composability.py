@@ -1,0 +1,161 @@
+"""docs/composability.md, executed: every ```python block of the guide is a test.
+
+The first block (the setup: a small VAE fitted on MNIST) runs once per session; each
+later block runs on its own copy of the names the setup defined and checks its outcome
+with its own asserts. Editing the guide edits these tests, so they cannot drift apart.
+Below them, the inverse-problem helpers and scripts/inpaint.py are tested directly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+from pyro_vae import save_checkpoint
+from pyro_vae.inverse import make_mask, restoration_model
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE = ROOT / "docs" / "composability.md"
+
+
+def _sections() -> list[tuple[str, str]]:
+    """(heading, code) of each ```python block, in the order of the guide."""
+    sections, heading = [], "top"
+    for match in re.finditer(
+        r"^## ([^\n]+)$|^```python\n(.*?)^```$", GUIDE.read_text(), re.M | re.S
+    ):
+        if match.group(1):
+            heading = match.group(1)
+        else:
+            sections.append((heading, match.group(2)))
+    return sections
+
+
+SETUP, *RECIPES = _sections()
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The folder holding MNIST/raw: $PYRO_VAE_MNIST_DIR, else the repository's ../shared/data."""
+    root = Path(os.environ.get("PYRO_VAE_MNIST_DIR", ROOT.parent / "shared" / "data"))
+    if not (root / "MNIST" / "raw").is_dir():
+        pytest.fail(f"MNIST not found in {root}/MNIST/raw; set PYRO_VAE_MNIST_DIR", pytrace=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def setup_names(mnist_dir: Path) -> dict:
+    """The names the guide's setup block defines (a fitted ``vae``, digits ``x``, ...)."""
+    previous = os.environ.get("PYRO_VAE_DATA")
+    os.environ["PYRO_VAE_DATA"] = str(mnist_dir)  # where the guide's load_mnist() looks
+    try:
+        names: dict = {"__name__": "composability_setup"}
+        exec(compile(SETUP[1], f"{GUIDE.name}: {SETUP[0]}", "exec"), names)
+    finally:
+        if previous is None:
+            del os.environ["PYRO_VAE_DATA"]
+        else:
+            os.environ["PYRO_VAE_DATA"] = previous
+    return names
+
+
+def test_guide_has_the_recipes():
+    headings = [heading for heading, _ in RECIPES]
+    for recipe in ("condition", "replay", "scale", "block", "Predictive", "Importance", "Jit"):
+        assert any(recipe in heading for heading in headings), recipe
+    for recipe in ("Two VAEs", "Inpainting", "NUTS", "Denoising", "semi-supervised"):
+        assert any(recipe in heading for heading in headings), recipe
+
+
+@pytest.mark.mnist
+@pytest.mark.parametrize("heading, code", RECIPES, ids=[h for h, _ in RECIPES])
+def test_recipe(setup_names: dict, heading: str, code: str):
+    names = dict(setup_names)
+    try:
+        exec(compile(code, f"{GUIDE.name}: {heading}", "exec"), names)
+    finally:
+        pyro.clear_param_store()
+
+
+# ---------------------------------------------------------------- inverse problems
+def test_make_mask_kinds():
+    shape = (1, 28, 28)
+    left = make_mask("left-half", shape)
+    assert left[..., :14].all() and not left[..., 14:].any()
+    top = make_mask("top-half", shape)
+    assert top[:, :14].all() and not top[:, 14:].any()
+    rand = make_mask("random:0.5", shape, torch.Generator().manual_seed(0))
+    assert 0.4 < (~rand).float().mean() < 0.6
+    for bad in ("random:1.5", "random:x", "middle"):
+        with pytest.raises(ValueError, match="mask"):
+            make_mask(bad, shape)
+
+
+@pytest.mark.mnist
+def test_hidden_pixels_never_enter_the_likelihood(setup_names: dict):
+    vae, x = setup_names["vae"], setup_names["x"]
+    mask = make_mask("left-half", vae.config.image_shape)
+    z = torch.randn(len(x), vae.config.latent_dim)
+
+    def log_density(images: torch.Tensor) -> torch.Tensor:
+        conditioned = pyro.poutine.condition(restoration_model, data={vae.z_site: z})
+        trace = pyro.poutine.trace(conditioned).get_trace(vae, images, mask)
+        return trace.log_prob_sum()
+
+    scrambled = torch.where(mask, x, torch.rand_like(x))
+    assert torch.equal(log_density(x), log_density(scrambled))
+    # ... while the known pixels do count
+    assert not torch.equal(log_density(x), log_density(torch.where(mask, 1 - x, x)))
+
+
+def test_restoration_model_rejects_bad_input():
+    from pyro_vae import VAE
+
+    vae = VAE(latent_dim=2, hidden=8)
+    with pytest.raises(ValueError, match="expected images of shape"):
+        restoration_model(vae, torch.zeros(2, 28, 28))
+    with pytest.raises(ValueError, match="noise"):
+        restoration_model(vae, torch.zeros(2, 1, 28, 28), noise=0.0)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(setup_names: dict, tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("inpaint") / "checkpoint.pt", setup_names["vae"])
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "inpaint.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.mark.mnist
+def test_inpaint_script_writes_a_figure(checkpoint: Path, mnist_dir: Path, tmp_path: Path):
+    out = tmp_path / "inpainting.png"
+    result = _script(
+        "--checkpoint", str(checkpoint), "--data-dir", str(mnist_dir), "--mask", "random:0.5",
+        "--noise", "0.3", "--num-images", "3", "--steps", "100", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+    assert "error" in result.stdout.lower()  # reports how close the completion came
+
+
+def test_inpaint_script_reports_one_line_errors(tmp_path: Path):
+    result = _script("--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "a.png"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+    result = _script("--checkpoint", str(tmp_path / "x.pt"), "--mask", "diagonal")
+    assert result.returncode == 2 and "unknown mask" in result.stderr
