@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyro
@@ -15,6 +13,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from scriptrun import run_script
 
 from pyro_vae import VAE, CheckpointError, DataError, save_checkpoint
 from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae, load_ssvae
@@ -116,20 +115,18 @@ def test_fit_and_checkpoint_round_trip(tmp_path: Path):
 
 
 @pytest.mark.mnist
-def test_fit_ssvae_script(tmp_path: Path):
+def test_fit_ssvae_script(tmp_path: Path, monkeypatch, capsys):
     root = Path(os.environ.get("PYRO_VAE_MNIST_DIR", ROOT.parent / "shared" / "data"))
     if not (root / "MNIST" / "raw").is_dir():
         pytest.fail(f"MNIST not found in {root}/MNIST/raw; set PYRO_VAE_MNIST_DIR", pytrace=False)
     out = tmp_path / "run"
     args = ["--data-dir", str(root), "--limit", "500", "--test-limit", "200", "--epochs", "1"]
     args += ["--hidden", "32", "--latent-dim", "4", "--labels-per-class", "2", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = [sys.executable, str(ROOT / "scripts" / "fit_ssvae.py")]
-    result = subprocess.run(script + args, capture_output=True, text=True, env=env, timeout=180)
-    assert result.returncode == 0, result.stderr
+    assert run_script("fit_ssvae.py", *args, monkeypatch=monkeypatch) == 0
+    assert "test accuracy" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labelled_images"] == 20 and metrics["unlabelled_images"] == 480
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["epochs"] == 1
     assert load_ssvae(out / "checkpoint.pt").num_classes == 10
-    again = subprocess.run(script + args, capture_output=True, text=True, env=env, timeout=180)
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert run_script("fit_ssvae.py", *args, monkeypatch=monkeypatch) == 2
+    assert "already holds a run" in capsys.readouterr().err
