@@ -302,7 +302,8 @@ def fit_ssvae(
     with pyro.get_param_store().scope():
         for epoch in range(epochs):
             start, loss_sum = time.perf_counter(), 0.0
-            for images in batches.epoch(epoch):
+            first_step = epoch * len(batches) + 1
+            for step, images in enumerate(batches.epoch(epoch), start=first_step):
                 pick = torch.randperm(num_labelled, device=device)[:batch_size]
                 x_l, y_l = preprocess(labelled[pick], how), labels[pick]
                 x_u = preprocess(images, how)
@@ -316,7 +317,7 @@ def fit_ssvae(
                     + alpha / x_l.shape[0] * ssvae.classification_loss(x_l, y_l)
                 )
                 if not math.isfinite(loss.item()):
-                    raise TrainingDivergedError(epoch * len(batches) + 1, loss.item())
+                    raise TrainingDivergedError(step, loss.item())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
