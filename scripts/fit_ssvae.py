@@ -77,7 +77,10 @@ def main(args: argparse.Namespace) -> None:
         json.dumps({"model": config.to_dict(), "args": settings}, indent=2)
     )
 
+    history = []
+
     def report(record) -> None:
+        history.append(record)
         accuracy = (
             "" if record.test_accuracy is None else f"  test accuracy {record.test_accuracy:.4f}"
         )
@@ -88,22 +91,27 @@ def main(args: argparse.Namespace) -> None:
         )
 
     start = time.perf_counter()
-    ssvae = SSVAE(config)
-    history = fit_ssvae(
-        ssvae,
-        train.images[chosen],
-        train.labels[chosen],
-        train.images[unlabelled],
-        (test.images, test.labels),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        aux_weight=args.aux_weight,
-        seed=args.seed,
-        device=device,
-        checkpoint=checkpoint,
-        on_epoch=report,
-    )
+    interrupted = False
+    try:
+        fit_ssvae(
+            SSVAE(config),
+            train.images[chosen],
+            train.labels[chosen],
+            train.images[unlabelled],
+            (test.images, test.labels),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            aux_weight=args.aux_weight,
+            seed=args.seed,
+            device=device,
+            checkpoint=checkpoint,
+            on_epoch=report,
+        )
+    except KeyboardInterrupt:
+        # the finished epochs are in the checkpoint; report them rather than nothing
+        interrupted = True
+        print(f"\ninterrupted after {len(history)} epochs", file=sys.stderr)
     rows = [asdict(record) for record in history]
     with open(args.out / "history.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "test_accuracy", "seconds"])
@@ -115,11 +123,14 @@ def main(args: argparse.Namespace) -> None:
         "unlabelled_images": int(unlabelled.sum()),
         "test_images": len(test),
         "epochs": len(rows),
+        "interrupted": interrupted,
         "wall_seconds": time.perf_counter() - start,
         "device": str(device),
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"test accuracy {metrics['test_accuracy']}; wrote {args.out}/")
+    if interrupted:
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":
