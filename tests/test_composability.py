@@ -18,7 +18,7 @@ import torch
 from scriptrun import run_script
 
 from pyro_vae import save_checkpoint
-from pyro_vae.inverse import make_mask, restoration_model
+from pyro_vae.inverse import infer_svi, make_mask, restoration_model
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "composability.md"
@@ -112,6 +112,23 @@ def test_hidden_pixels_never_enter_the_likelihood(setup_names: dict):
     assert torch.equal(log_density(x), log_density(scrambled))
     # ... while the known pixels do count
     assert not torch.equal(log_density(x), log_density(torch.where(mask, 1 - x, x)))
+
+
+@pytest.mark.mnist
+def test_inference_leaves_the_vae_and_param_store_alone(setup_names: dict):
+    vae, x = setup_names["vae"], setup_names["x"]
+    before = {name: value.clone() for name, value in vae.state_dict().items()}
+    grads = [None if p.grad is None else p.grad.clone() for p in vae.parameters()]
+    pyro.clear_param_store()
+    pyro.param("someone_elses", torch.ones(3))
+    infer_svi(vae, x[:2], make_mask("top-half", vae.config.image_shape), num_steps=20)
+    assert list(pyro.get_param_store().keys()) == ["someone_elses"]
+    assert all(torch.equal(value, before[name]) for name, value in vae.state_dict().items())
+    assert all(p.requires_grad for p in vae.parameters())
+    # no gradient reached the frozen decoder (fit() may have left some; they are unchanged)
+    for p, grad in zip(vae.parameters(), grads, strict=True):
+        assert (p.grad is None and grad is None) or torch.equal(p.grad, grad)
+    pyro.clear_param_store()
 
 
 def test_restoration_model_rejects_bad_input():
