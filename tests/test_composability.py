@@ -15,7 +15,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-from scriptrun import run_script
+from helpers import mnist_root, run_script
 
 from pyro_vae import save_checkpoint
 from pyro_vae.inverse import infer_svi, make_mask, restoration_model
@@ -42,11 +42,7 @@ SETUP, *RECIPES = _sections()
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    """The folder holding MNIST/raw: $PYRO_VAE_MNIST_DIR, else the repository's ../shared/data."""
-    root = Path(os.environ.get("PYRO_VAE_MNIST_DIR", ROOT.parent / "shared" / "data"))
-    if not (root / "MNIST" / "raw").is_dir():
-        pytest.fail(f"MNIST not found in {root}/MNIST/raw; set PYRO_VAE_MNIST_DIR", pytrace=False)
-    return root
+    return mnist_root()
 
 
 @pytest.fixture(scope="session")

@@ -5,20 +5,17 @@ composability guide (tests/test_composability.py)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyro
 import pytest
 import torch
+from helpers import mnist_root, run_script
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
-from scriptrun import run_script
 
 from pyro_vae import VAE, CheckpointError, DataError, save_checkpoint
 from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae, load_ssvae
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(num_classes: int = 3) -> SSVAE:
@@ -116,9 +113,7 @@ def test_fit_and_checkpoint_round_trip(tmp_path: Path):
 
 @pytest.mark.mnist
 def test_fit_ssvae_script(tmp_path: Path, monkeypatch, capsys):
-    root = Path(os.environ.get("PYRO_VAE_MNIST_DIR", ROOT.parent / "shared" / "data"))
-    if not (root / "MNIST" / "raw").is_dir():
-        pytest.fail(f"MNIST not found in {root}/MNIST/raw; set PYRO_VAE_MNIST_DIR", pytrace=False)
+    root = mnist_root()
     out = tmp_path / "run"
     args = ["--data-dir", str(root), "--limit", "500", "--test-limit", "200", "--epochs", "1"]
     args += ["--hidden", "32", "--latent-dim", "4", "--labels-per-class", "2", "--out", str(out)]
