@@ -284,6 +284,9 @@ def fit_ssvae(
         raise DataError(f"labels must lie in 0..{ssvae.num_classes - 1}")
     if epochs < 0 or batch_size < 1 or lr <= 0 or aux_weight < 0:
         raise ValueError("need epochs >= 0, batch_size >= 1, lr > 0, aux_weight >= 0")
+    for images in (labelled, unlabelled):
+        if images.is_floating_point():  # uint8 images are made valid data by preprocess()
+            ssvae.likelihood.check_data(images)
     device = resolve_device(device)
     ssvae.to(device).train()
     pyro.set_rng_seed(seed)
@@ -307,15 +310,18 @@ def fit_ssvae(
                 pick = torch.randperm(num_labelled, device=device)[:batch_size]
                 x_l, y_l = preprocess(labelled[pick], how), labels[pick]
                 x_u = preprocess(images, how)
-                loss = (
-                    unlabelled_elbo.differentiable_loss(
-                        ssvae.model, ssvae.guide, x_u, num_data=batches.num_data
+                # the data were checked up front and a NaN surfaces in the loss below, so
+                # Pyro's per-step support checks would only repeat work (as in fit())
+                with pyro.validation_enabled(False):
+                    loss = (
+                        unlabelled_elbo.differentiable_loss(
+                            ssvae.model, ssvae.guide, x_u, num_data=batches.num_data
+                        )
+                        + labelled_elbo.differentiable_loss(
+                            ssvae.model, ssvae.guide, x_l, y_l, num_data=num_labelled
+                        )
+                        + alpha / x_l.shape[0] * ssvae.classification_loss(x_l, y_l)
                     )
-                    + labelled_elbo.differentiable_loss(
-                        ssvae.model, ssvae.guide, x_l, y_l, num_data=num_labelled
-                    )
-                    + alpha / x_l.shape[0] * ssvae.classification_loss(x_l, y_l)
-                )
                 if not math.isfinite(loss.item()):
                     raise TrainingDivergedError(step, loss.item())
                 optimizer.zero_grad(set_to_none=True)

@@ -107,6 +107,9 @@ def test_fit_and_checkpoint_round_trip(tmp_path: Path):
     save_checkpoint(tmp_path / "vae.pt", VAE(image_shape=(1, 4, 4), latent_dim=2, hidden=8))
     with pytest.raises(CheckpointError, match="not an SSVAE"):
         load_ssvae(tmp_path / "vae.pt")
+    with pytest.raises(DataError, match="binary pixels"):
+        grey = images.float() / 255
+        fit_ssvae(ssvae, grey[chosen], labels[chosen], grey, epochs=1, device="cpu")
     with pytest.raises(DataError, match="labels must lie"):
         fit_ssvae(ssvae, images[:2], torch.tensor([0, 5]), images, epochs=1, device="cpu")
 
