@@ -15,10 +15,10 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-from helpers import mnist_root, run_script
 
 from pyro_vae import save_checkpoint
 from pyro_vae.inverse import infer_svi, make_mask, restoration_model
+from tests.helpers import mnist_root, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "composability.md"

@@ -10,12 +10,12 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-from helpers import mnist_root, run_script
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from pyro_vae import VAE, CheckpointError, DataError, save_checkpoint
 from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae, load_ssvae
+from tests.helpers import mnist_root, run_script
 
 
 def tiny(num_classes: int = 3) -> SSVAE:
