@@ -93,6 +93,47 @@ def loss_curves(history):
     return fig
 
 
+def inpainting(
+    originals: torch.Tensor,
+    observed: torch.Tensor,
+    mask: torch.Tensor,
+    draws: torch.Tensor,
+    std: torch.Tensor,
+):
+    """One row per image: the original, what was observed (hidden pixels in blue), a
+    few posterior draws of the completed image, and the draws' per-pixel spread.
+
+    :param draws: ``(S, N, C, H, W)`` posterior draws, shown side by side.
+    :param std: ``(N, C, H, W)`` per-pixel standard deviation of all draws.
+    """
+    plt = _plt()
+    grey = observed.detach().float().cpu().clamp(0, 1).mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    known = mask.cpu().bool().expand(observed.shape).all(1, keepdim=True)
+    shown = torch.where(known, grey, torch.tensor([0.55, 0.7, 1.0]).view(1, 3, 1, 1))
+    columns = [(tile(originals, 1), "original"), (tile(shown, 1), "observed\n(blue: hidden)")]
+    columns += [(tile(draw, 1), f"draw {i + 1}") for i, draw in enumerate(draws)]
+    spread = std.detach().float().cpu().mean(1, keepdim=True)
+    spread_array = tile(spread / max(spread.max().item(), 1e-8), 1)
+    spread_array[tile(torch.zeros_like(spread), 1) == 1] = np.nan  # padding shows as blank
+    # a thin last column holds the colour bar, so every panel keeps the same height
+    fig, axes = plt.subplots(
+        1,
+        len(columns) + 2,
+        figsize=(1.2 * (len(columns) + 1) + 0.8, 1.1 * originals.shape[0] + 0.7),
+        gridspec_kw={"width_ratios": [1] * (len(columns) + 1) + [0.08]},
+    )
+    for ax, (array, title) in zip(axes, columns, strict=False):
+        _show(ax, array, title)
+    image = axes[-2].imshow(spread_array, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    axes[-2].set_axis_off()
+    axes[-2].set_title("uncertainty")
+    bar = fig.colorbar(image, cax=axes[-1], ticks=[0, 1])
+    bar.ax.set_yticklabels(["0", f"{spread.max().item():.2f}"])
+    bar.set_label("std of the draws")
+    fig.tight_layout()
+    return fig
+
+
 def save(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write a figure to ``path`` (format from the suffix) and free its memory."""
     plt = _plt()

@@ -1,0 +1,202 @@
+"""A fitted decoder as a learned prior over images, for inpainting and denoising.
+
+The inverse problem is a small Pyro program of its own (:func:`restoration_model`)::
+
+    for each image n in the plate "<name>.data":
+        z_n ~ p(z)                                     # the VAE's latent site "<name>.z"
+        m_n = decoder mean of z_n                      # recorded as "<name>.image"
+        y_n ~ p(y | z_n), known pixels only            # observed site "<name>.observed"
+
+where ``p(y | z)`` is the VAE's own likelihood (inpainting of clean pixels) or
+``Normal(m_n, noise)`` (a noisy image). Hidden pixels are *masked out* of the
+likelihood, so their values never enter the posterior; they are not filled in with
+zeros or anything else the model would then believe. The posterior over z is inferred
+afresh, with the decoder frozen: by SVI with a new :class:`~pyro.infer.autoguide.AutoNormal`
+guide (:func:`infer_svi`) or by NUTS (:func:`infer_nuts`). The amortized encoder is not
+used: it was trained on whole images and has no notion of a missing pixel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.optim import Adam
+
+#: the mask kinds :func:`make_mask` understands; "random:P" hides a fraction P of pixels.
+MASKS = ("left-half", "top-half", "random:P")
+
+
+def make_mask(
+    kind: str, image_shape: tuple[int, int, int], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A boolean ``(C, H, W)`` mask of the *observed* pixels (True = known).
+
+    :param kind: "left-half" (the right half is hidden), "top-half" (the bottom half is
+        hidden) or "random:P" (each pixel hidden with probability P, 0 < P < 1).
+    """
+    c, h, w = image_shape
+    mask = torch.ones(image_shape, dtype=torch.bool)
+    if kind == "left-half":
+        mask[:, :, w // 2 :] = False
+    elif kind == "top-half":
+        mask[:, h // 2 :, :] = False
+    elif kind.startswith("random:"):
+        try:
+            hidden = float(kind.split(":", 1)[1])
+        except ValueError:
+            hidden = -1.0
+        if not 0 < hidden < 1:
+            raise ValueError(
+                f"mask {kind!r}: 'random:P' needs a fraction 0 < P < 1 of hidden pixels"
+            )
+        mask = torch.rand(image_shape, generator=generator) >= hidden
+    else:
+        raise ValueError(f"unknown mask {kind!r}; choose one of: {', '.join(MASKS)}")
+    return mask
+
+
+def image_site(vae) -> str:
+    """Name of the deterministic site holding each draw's decoder mean image."""
+    return f"{vae.config.name}.image"
+
+
+def observed_site(vae) -> str:
+    """Name of the observed site of :func:`restoration_model`."""
+    return f"{vae.config.name}.observed"
+
+
+def restoration_model(
+    vae,
+    observed: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    noise: float | None = None,
+) -> torch.Tensor:
+    """The Pyro model of a damaged image: the VAE's prior and decoder, scoring only the
+    pixels in ``mask``. Returns the decoder mean images.
+
+    :param vae: a fitted :class:`~pyro_vae.VAE`; its decoder is used as it is.
+    :param observed: ``(B, C, H, W)`` images; values at hidden pixels are ignored (they
+        may be anything, NaN included).
+    :param mask: boolean, broadcastable to ``observed``: True where a pixel is known.
+        ``None`` observes every pixel.
+    :param noise: standard deviation of Gaussian noise on the known pixels; ``None``
+        scores them with the VAE's own likelihood (clean data, e.g. binary pixels).
+    """
+    if observed.dim() != 4 or tuple(observed.shape[1:]) != vae.config.image_shape:
+        want = ", ".join(map(str, vae.config.image_shape))
+        raise ValueError(f"expected images of shape (batch, {want}), got {tuple(observed.shape)}")
+    if noise is not None and noise <= 0:
+        raise ValueError(f"noise must be a positive standard deviation, got {noise}")
+    if mask is not None:
+        mask = mask.to(observed.device).bool()
+        # Hidden pixels are masked out of the log-density below; this only keeps their
+        # stored values inside the support, so a NaN or grey value cannot poison it.
+        observed = torch.where(mask, observed, observed.new_zeros(()))
+    with pyro.plate(vae.data_site, observed.shape[0], dim=-1, device=observed.device):
+        z = pyro.sample(vae.z_site, vae.latent.prior(observed.shape[:1], observed))
+        params = vae.decoder(z)
+        mean = pyro.deterministic(image_site(vae), vae.likelihood.mean(params), event_dim=3)
+        if noise is None:
+            pixels = vae.likelihood.distribution(params).base_dist
+        else:
+            pixels = dist.Normal(mean, torch.as_tensor(noise, dtype=mean.dtype, device=mean.device))
+        if mask is not None:
+            pixels = pixels.mask(mask)
+        pyro.sample(observed_site(vae), pixels.to_event(3), obs=observed)
+    return mean
+
+
+@dataclass
+class Restoration:
+    """Posterior draws for a batch of damaged images."""
+
+    #: ``(S, B, latent_dim)`` draws of z.
+    z: torch.Tensor
+    #: ``(S, B, C, H, W)`` decoder mean image of each draw.
+    images: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The posterior mean image ``(B, C, H, W)``: the restoration."""
+        return self.images.mean(0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Per-pixel standard deviation of the draws ``(B, C, H, W)``: the uncertainty."""
+        return self.images.std(0)
+
+
+@contextlib.contextmanager
+def _frozen(vae) -> Iterator[None]:
+    """The VAE's weights as constants: no gradients are taken or stored for them."""
+    was = [p.requires_grad for p in vae.parameters()]
+    vae.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(vae.parameters(), was, strict=True):
+            p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def _restoration(vae, z: torch.Tensor) -> Restoration:
+    return Restoration(z, vae.decode(z))
+
+
+def infer_svi(
+    vae,
+    observed: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    noise: float | None = None,
+    *,
+    num_steps: int = 500,
+    lr: float = 0.05,
+    num_samples: int = 64,
+) -> Restoration:
+    """Fit a fresh ``AutoNormal`` guide over z by SVI and draw ``num_samples`` from it.
+
+    The guide's parameters live in a private scope of Pyro's param store, so nothing
+    of other programs is read or overwritten.
+    """
+
+    def model() -> torch.Tensor:
+        return restoration_model(vae, observed, mask, noise)
+
+    with pyro.get_param_store().scope(), _frozen(vae):
+        guide = AutoNormal(model)
+        svi = SVI(model, guide, Adam({"lr": lr}), Trace_ELBO())
+        for _ in range(num_steps):
+            svi.step()
+        with torch.no_grad(), pyro.plate("_draws", num_samples, dim=-2):
+            z = guide()[vae.z_site]
+    return _restoration(vae, z)
+
+
+def infer_nuts(
+    vae,
+    observed: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    noise: float | None = None,
+    *,
+    num_samples: int = 100,
+    warmup_steps: int = 100,
+) -> Restoration:
+    """Draw z from the exact posterior by NUTS, the decoder held fixed."""
+    with _frozen(vae):
+        kernel = NUTS(
+            lambda: restoration_model(vae, observed, mask, noise),
+            max_plate_nesting=1,
+            jit_compile=False,
+        )
+        mcmc = MCMC(
+            kernel, num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=True
+        )
+        mcmc.run()
+    return _restoration(vae, mcmc.get_samples()[vae.z_site])

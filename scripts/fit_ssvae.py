@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Fit the M2 semi-supervised VAE on MNIST with a few labels and report its test accuracy.
+
+python scripts/fit_ssvae.py --labels-per-class 10 --epochs 40 --out runs/ssvae
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from _cli import run_main
+
+from pyro_vae.config import LIKELIHOODS, VAEConfig
+from pyro_vae.data import load_mnist
+from pyro_vae.errors import CheckpointError
+from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae
+from pyro_vae.train import resolve_device
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fit_ssvae.py", description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", type=Path, help="folder holding MNIST/raw/")
+    p.add_argument("--labels-per-class", type=int, default=10, help="labelled images per digit")
+    p.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli")
+    p.add_argument("--latent-dim", type=int, default=50)
+    p.add_argument("--hidden", type=int, default=500)
+    p.add_argument("--depth", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--aux-weight",
+        type=float,
+        default=0.1,
+        help="weight of the classification loss, as a fraction of the data set size "
+        "(Kingma et al.: 0.1)",
+    )
+    p.add_argument("--limit", type=int, help="use the first N training images only")
+    p.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/ssvae"), help="run folder")
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    for name in ("labels_per_class", "epochs", "batch_size", "limit", "test_limit"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "epochs" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    checkpoint = args.out / "checkpoint.pt"
+    if checkpoint.exists():
+        raise CheckpointError(f"{args.out} already holds a run; choose another --out")
+    device = resolve_device(args.device)
+    train = load_mnist(args.data_dir, "train").head(args.limit)
+    test = load_mnist(args.data_dir, "test").head(args.test_limit)
+    chosen = balanced_labels(train.labels, args.labels_per_class, args.seed)
+    unlabelled = torch.ones(len(train), dtype=torch.bool)
+    unlabelled[chosen] = False
+    config = VAEConfig(
+        likelihood=args.likelihood,
+        latent_dim=args.latent_dim,
+        hidden=args.hidden,
+        depth=args.depth,
+        name="ssvae",
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    (args.out / "config.json").write_text(
+        json.dumps({"model": config.to_dict(), "args": settings}, indent=2)
+    )
+
+    history = []
+
+    def report(record) -> None:
+        history.append(record)
+        accuracy = (
+            "" if record.test_accuracy is None else f"  test accuracy {record.test_accuracy:.4f}"
+        )
+        print(
+            f"epoch {record.epoch}/{args.epochs}  loss {record.train_loss:.2f}{accuracy}"
+            f"  ({record.seconds:.0f} s)",
+            flush=True,
+        )
+
+    start = time.perf_counter()
+    interrupted = False
+    try:
+        fit_ssvae(
+            SSVAE(config),
+            train.images[chosen],
+            train.labels[chosen],
+            train.images[unlabelled],
+            (test.images, test.labels),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            aux_weight=args.aux_weight,
+            seed=args.seed,
+            device=device,
+            checkpoint=checkpoint,
+            on_epoch=report,
+        )
+    except KeyboardInterrupt:
+        # the finished epochs are in the checkpoint; report them rather than nothing
+        interrupted = True
+        print(f"\ninterrupted after {len(history)} epochs", file=sys.stderr)
+    rows = [asdict(record) for record in history]
+    with open(args.out / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "test_accuracy", "seconds"])
+        writer.writeheader()
+        writer.writerows(rows)
+    metrics = {
+        "test_accuracy": rows[-1]["test_accuracy"] if rows else None,
+        "labelled_images": int(chosen.numel()),
+        "unlabelled_images": int(unlabelled.sum()),
+        "test_images": len(test),
+        "epochs": len(rows),
+        "interrupted": interrupted,
+        "wall_seconds": time.perf_counter() - start,
+        "device": str(device),
+    }
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"test accuracy {metrics['test_accuracy']}; wrote {args.out}/")
+    if interrupted:
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, parser()))
