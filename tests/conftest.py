@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyro
 import pytest
 import torch
 
-from pyro_vae.data import ImageSet, default_data_dir, load_mnist
+from pyro_vae.data import ImageSet, load_mnist
 from pyro_vae.errors import DataError
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def mnist_root() -> Path:
-    """``$PYRO_VAE_MNIST_DIR``, else the project's shared data beside the checkout, else the
-    user's data folder (where torchvision downloads MNIST when it is online)."""
-    if "PYRO_VAE_MNIST_DIR" in os.environ:
-        return Path(os.environ["PYRO_VAE_MNIST_DIR"])
-    shared = REPO.parent / "shared" / "data"
-    return shared if (shared / "MNIST" / "raw").is_dir() else default_data_dir()
+from tests.helpers import mnist_root
 
 
 @pytest.fixture(scope="session")

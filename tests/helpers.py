@@ -1,4 +1,4 @@
-"""What the tests of issue 5 share: where MNIST is, and running a script in-process."""
+"""What the tests share: where MNIST is, and running a script in-process."""
 
 from __future__ import annotations
 
@@ -9,24 +9,27 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "scripts"
+from pyro_vae.data import default_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
 
 
 def mnist_root() -> Path:
-    """The folder holding MNIST/raw: $PYRO_VAE_MNIST_DIR, else the repository's ../shared/data.
-    Missing data fails the test loudly rather than skipping it."""
-    root = Path(os.environ.get("PYRO_VAE_MNIST_DIR", ROOT.parent / "shared" / "data"))
-    if not (root / "MNIST" / "raw").is_dir():
-        pytest.fail(f"MNIST not found in {root}/MNIST/raw; set PYRO_VAE_MNIST_DIR", pytrace=False)
-    return root
+    """``$PYRO_VAE_MNIST_DIR``, else the project's shared data beside the checkout, else the
+    user's data folder (where torchvision downloads MNIST when it is online)."""
+    if "PYRO_VAE_MNIST_DIR" in os.environ:
+        return Path(os.environ["PYRO_VAE_MNIST_DIR"])
+    shared = REPO.parent / "shared" / "data"
+    return shared if (shared / "MNIST" / "raw").is_dir() else default_data_dir()
 
 
-def run_script(name: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run ``scripts/name`` with ``args`` as ``python scripts/name ...`` would, without
-    paying for a fresh interpreter; returns its exit status (its output goes to capsys)."""
-    monkeypatch.syspath_prepend(str(SCRIPTS))  # the scripts import their sibling _cli
-    monkeypatch.setattr(sys, "argv", [name, *args])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(SCRIPTS / name), run_name="__main__")
+def run_script(name: str, *args) -> int:
+    """Run ``scripts/name`` as ``python scripts/name args...`` would, in this process (the
+    imports stay warm), and return its exit status; its output goes to pytest's capture."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(SCRIPTS))  # the scripts import their sibling _cli
+        patch.setattr(sys, "argv", [name, *map(str, args)])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(SCRIPTS / name), run_name="__main__")
     return exit_info.value.code

@@ -18,7 +18,7 @@ import torch
 
 from pyro_vae import save_checkpoint
 from pyro_vae.inverse import infer_svi, make_mask, restoration_model
-from tests.helpers import mnist_root, run_script
+from tests.helpers import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "composability.md"
@@ -38,11 +38,6 @@ def _sections() -> list[tuple[str, str]]:
 
 
 SETUP, *RECIPES = _sections()
-
-
-@pytest.fixture(scope="session")
-def mnist_dir() -> Path:
-    return mnist_root()
 
 
 @pytest.fixture(scope="session")
@@ -143,14 +138,12 @@ def checkpoint(setup_names: dict, tmp_path_factory) -> Path:
 
 
 @pytest.mark.mnist
-def test_inpaint_script_writes_a_figure(
-    checkpoint: Path, mnist_dir: Path, tmp_path: Path, monkeypatch, capsys
-):
+def test_inpaint_script_writes_a_figure(checkpoint: Path, mnist_dir: Path, tmp_path: Path, capsys):
     out = tmp_path / "inpainting.png"
     status = run_script(
         "inpaint.py", "--checkpoint", str(checkpoint), "--data-dir", str(mnist_dir),
         "--mask", "random:0.5", "--noise", "0.3", "--num-images", "3", "--steps", "100",
-        "--out", str(out), monkeypatch=monkeypatch,
+        "--out", str(out),
     )  # fmt: skip
     printed = capsys.readouterr()
     assert status == 0, printed.err
@@ -159,12 +152,10 @@ def test_inpaint_script_writes_a_figure(
     assert "hidden pixels" in printed.out and "noisy input" in printed.out
 
 
-def test_inpaint_script_reports_one_line_errors(tmp_path: Path, monkeypatch, capsys):
+def test_inpaint_script_reports_one_line_errors(tmp_path: Path, capsys):
     missing = str(tmp_path / "missing.pt")
-    assert run_script("inpaint.py", "--checkpoint", missing, monkeypatch=monkeypatch) == 2
+    assert run_script("inpaint.py", "--checkpoint", missing) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "does not exist" in err
-    status = run_script(
-        "inpaint.py", "--checkpoint", missing, "--mask", "diagonal", monkeypatch=monkeypatch
-    )
+    status = run_script("inpaint.py", "--checkpoint", missing, "--mask", "diagonal")
     assert status == 2 and "unknown mask" in capsys.readouterr().err

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
-import sys
 from pathlib import Path
 
 import arviz as az
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "scripts"
-
-
-def run_script(name: str, *args) -> int:
-    """Run a script in this process (imports stay warm) and return its exit code."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(SCRIPTS))
-        patch.setattr(sys, "argv", [name, *map(str, args)])
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(SCRIPTS / name), run_name="__main__")
-    return exit_info.value.code
+from tests.helpers import run_script
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import csv
 import json
 import math
-import runpy
 import subprocess
 import sys
 
@@ -11,20 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.helpers import SCRIPTS, run_script
 
-SCRIPTS = REPO / "scripts"
 QUICK = ["--limit", "256", "--test-limit", "128", "--batch-size", "64", "--no-progress"]
 
 
-def run_script(monkeypatch, capsys, name, *args):
-    """Run a script in this process (imports are already warm); return (code, out, err)."""
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(SCRIPTS / name), run_name="__main__")
+def run(capsys, name, *args):
+    """Run a script in this process; return (exit status, stdout, stderr)."""
+    code = run_script(name, *args)
     out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
+    return code, out, err
 
 
 def assert_one_line_error(code, err, pattern):
@@ -84,12 +79,9 @@ def test_fit_script_runs_as_a_command(tmp_path, mnist_dir):
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 @pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli", "gaussian"])
-def test_fit_each_likelihood_and_architecture(
-    monkeypatch, capsys, tmp_path, mnist_dir, likelihood, arch
-):
+def test_fit_each_likelihood_and_architecture(capsys, tmp_path, mnist_dir, likelihood, arch):
     out = tmp_path / "run"
-    code, stdout, err = run_script(
-        monkeypatch,
+    code, stdout, err = run(
         capsys,
         "fit.py",
         "--likelihood",
@@ -114,35 +106,30 @@ def test_fit_each_likelihood_and_architecture(
         assert metrics["test_bits_per_dim_bound"] > 0
 
 
-def test_resume_continues_and_a_finished_run_is_not_overwritten(
-    monkeypatch, capsys, tmp_path, mnist_dir
-):
+def test_resume_continues_and_a_finished_run_is_not_overwritten(capsys, tmp_path, mnist_dir):
     out = tmp_path / "run"
     base = ["--data-dir", mnist_dir, "--out", out, *QUICK]
-    assert run_script(monkeypatch, capsys, "fit.py", *base, "--epochs", "1")[0] == 0
-    code, _, err = run_script(monkeypatch, capsys, "fit.py", *base, "--epochs", "2")
+    assert run(capsys, "fit.py", *base, "--epochs", "1")[0] == 0
+    code, _, err = run(capsys, "fit.py", *base, "--epochs", "2")
     assert_one_line_error(code, err, "already holds a run; pass --resume")
-    code, _, err = run_script(monkeypatch, capsys, "fit.py", *base, "--epochs", "2", "--resume")
+    code, _, err = run(capsys, "fit.py", *base, "--epochs", "2", "--resume")
     assert code == 0, err
     check_run_folder(out, 2)
-    code, _, err = run_script(
-        monkeypatch, capsys, "fit.py", *base, "--epochs", "3", "--resume", "--latent-dim", "7"
-    )
+    code, _, err = run(capsys, "fit.py", *base, "--epochs", "3", "--resume", "--latent-dim", "7")
     assert_one_line_error(code, err, "latent_dim: checkpoint has 50, asked for 7")
     (out / "checkpoint.pt").write_bytes(b"garbage")
-    code, _, err = run_script(monkeypatch, capsys, "fit.py", *base, "--epochs", "3", "--resume")
+    code, _, err = run(capsys, "fit.py", *base, "--epochs", "3", "--resume")
     assert_one_line_error(code, err, "not a readable pyro_vae checkpoint")
 
 
-def test_a_folder_of_images_fits_end_to_end(monkeypatch, capsys, tmp_path):
+def test_a_folder_of_images_fits_end_to_end(capsys, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(30):
         pixels = (torch.rand(20, 20) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(images / f"{i}.png")
     out = tmp_path / "run"
-    code, _, err = run_script(
-        monkeypatch,
+    code, _, err = run(
         capsys,
         "fit.py",
         "--dataset",
@@ -171,10 +158,9 @@ def test_a_folder_of_images_fits_end_to_end(monkeypatch, capsys, tmp_path):
 
 
 def test_user_mistakes_are_one_line_errors(monkeypatch, capsys, tmp_path, mnist_dir):
-    code, _, err = run_script(monkeypatch, capsys, "fit.py", "--likelihood", "poisson")
+    code, _, err = run(capsys, "fit.py", "--likelihood", "poisson")
     assert_one_line_error(code, err, "invalid choice: 'poisson'")
-    code, _, err = run_script(
-        monkeypatch,
+    code, _, err = run(
         capsys,
         "fit.py",
         "--dataset",
@@ -185,11 +171,9 @@ def test_user_mistakes_are_one_line_errors(monkeypatch, capsys, tmp_path, mnist_
         tmp_path / "a",
     )
     assert_one_line_error(code, err, "does not exist")
-    code, _, err = run_script(
-        monkeypatch, capsys, "fit.py", "--epochs", "-1", "--out", tmp_path / "b"
-    )
+    code, _, err = run(capsys, "fit.py", "--epochs", "-1", "--out", tmp_path / "b")
     assert_one_line_error(code, err, "--epochs must be positive")
-    code, _, err = run_script(monkeypatch, capsys, "fit.py", "--resume", "--out", tmp_path / "c")
+    code, _, err = run(capsys, "fit.py", "--resume", "--out", tmp_path / "c")
     assert_one_line_error(code, err, "there is no checkpoint")
 
     import torchvision.datasets
@@ -199,16 +183,13 @@ def test_user_mistakes_are_one_line_errors(monkeypatch, capsys, tmp_path, mnist_
             raise OSError("network is unreachable")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
-    code, _, err = run_script(
-        monkeypatch, capsys, "fit.py", "--data-dir", tmp_path / "empty", "--out", tmp_path / "d"
-    )
+    code, _, err = run(capsys, "fit.py", "--data-dir", tmp_path / "empty", "--out", tmp_path / "d")
     assert_one_line_error(code, err, "MNIST is not in")
     images = tmp_path / "odd"
     images.mkdir()
     Image.fromarray(torch.zeros(18, 18, dtype=torch.uint8).numpy()).save(images / "a.png")
     Image.fromarray(torch.zeros(18, 18, dtype=torch.uint8).numpy()).save(images / "b.png")
-    code, _, err = run_script(
-        monkeypatch,
+    code, _, err = run(
         capsys,
         "fit.py",
         "--dataset",
@@ -237,8 +218,7 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoint(
 
     monkeypatch.setattr(BernoulliLikelihood, "distribution", poisoned)
     out = tmp_path / "run"
-    code, _, err = run_script(
-        monkeypatch,
+    code, _, err = run(
         capsys,
         "fit.py",
         "--data-dir",

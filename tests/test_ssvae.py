@@ -15,7 +15,7 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from pyro_vae import VAE, CheckpointError, DataError, save_checkpoint
 from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae, load_ssvae
-from tests.helpers import mnist_root, run_script
+from tests.helpers import run_script
 
 
 def tiny(num_classes: int = 3) -> SSVAE:
@@ -115,16 +115,16 @@ def test_fit_and_checkpoint_round_trip(tmp_path: Path):
 
 
 @pytest.mark.mnist
-def test_fit_ssvae_script(tmp_path: Path, monkeypatch, capsys):
-    root = mnist_root()
+def test_fit_ssvae_script(tmp_path: Path, mnist_dir: Path, capsys):
+    root = mnist_dir
     out = tmp_path / "run"
     args = ["--data-dir", str(root), "--limit", "500", "--test-limit", "200", "--epochs", "1"]
     args += ["--hidden", "32", "--latent-dim", "4", "--labels-per-class", "2", "--out", str(out)]
-    assert run_script("fit_ssvae.py", *args, monkeypatch=monkeypatch) == 0
+    assert run_script("fit_ssvae.py", *args) == 0
     assert "test accuracy" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labelled_images"] == 20 and metrics["unlabelled_images"] == 480
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["epochs"] == 1
     assert load_ssvae(out / "checkpoint.pt").num_classes == 10
-    assert run_script("fit_ssvae.py", *args, monkeypatch=monkeypatch) == 2
+    assert run_script("fit_ssvae.py", *args) == 2
     assert "already holds a run" in capsys.readouterr().err
