@@ -71,6 +71,46 @@ def reconstructions(originals: torch.Tensor, reconstructed: torch.Tensor, ncol: 
     return fig
 
 
+def _token_colours(tokens: torch.Tensor, codebook_size: int, ncol: int) -> np.ndarray:
+    """Tile integer token grids ``(N, h, w)`` as RGB, one colour per code, white between."""
+    plt = _plt()
+    scaled = tokens.float().unsqueeze(1) / max(codebook_size - 1, 1)
+    inside = tile(torch.zeros_like(scaled), ncol) == 0
+    rgb = plt.get_cmap("viridis")(tile(scaled, ncol))[..., :3]
+    rgb[~inside] = 1.0
+    return rgb
+
+
+def tokenizer(
+    originals: torch.Tensor,
+    tokens: torch.Tensor,
+    decoded: torch.Tensor,
+    codebook_size: int,
+    ncol: int = 16,
+):
+    """Originals, their tokens (one colour per code; a row of codes per image for an MLP,
+    a grid for a conv tokenizer) and the images decoded from those tokens alone."""
+    plt = _plt()
+    grids = tokens if tokens.dim() == 3 else tokens.unsqueeze(1)
+    # a conv grid has one code per patch: blow it up to the images' size so panels align
+    scale = max(originals.shape[-2] // grids.shape[-2], 1) if tokens.dim() == 3 else 1
+    grids = grids.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+    panels = [
+        (tile(originals, ncol), "originals"),
+        (_token_colours(grids.cpu(), codebook_size, ncol), f"tokens (codebook of {codebook_size})"),
+        (tile(decoded, ncol), "decoded from the tokens"),
+    ]
+    heights = [panel.shape[0] for panel, _ in panels]
+    width = panels[0][0].shape[1]
+    fig, axes = plt.subplots(
+        3, 1, figsize=(8, 8 * sum(heights) / width + 1.2), height_ratios=heights
+    )
+    for ax, (panel, title) in zip(axes, panels, strict=True):
+        _show(ax, panel, title)
+    fig.tight_layout()
+    return fig
+
+
 def loss_curves(history):
     """Training loss and held-out negative ELBO (nats per image) against epoch."""
     plt = _plt()
