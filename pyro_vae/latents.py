@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions.relaxed_straight_through import QuantizeCategorical
 from torch import nn
+from torch.distributions import kl_divergence, register_kl
 
 from .config import VAEConfig
 
@@ -47,27 +48,32 @@ class GaussianLatent:
         return encoded[..., : self.dim]
 
 
-class _LogSpaceConcrete:
-    """Concrete (Gumbel-softmax) sampling and scoring done in log space.
+class RelaxedCategorical(dist.RelaxedOneHotCategorical):
+    """:class:`~pyro.distributions.RelaxedOneHotCategorical` whose log-density stays finite
+    at any temperature in float32, and whose KL is that of the categorical it relaxes.
 
     A relaxed one-hot sample is ``y = exp(x)`` with ``x`` a log-space Concrete draw. At a
     low temperature ``x`` reaches -100 and below, ``exp(x)`` underflows to 0 in float32,
     and torch's ``log_prob(y)`` takes ``log(0)``: -inf, then NaN. Here each sample keeps
     its exact log as an attribute, and the density of ``y`` is computed from ``log y``
-    (Maddison et al., 2017, eq. 4 via the ExpConcrete density). A value that does not
-    carry its log (one not drawn here) is clamped to the smallest positive float first,
-    which keeps the density finite and changes nothing a float could represent.
+    (the ExpConcrete density of Maddison et al., 2017, plus the Jacobian of ``exp``). A
+    value that does not carry its log (one not drawn here) is clamped to the smallest
+    positive float first: still finite, and no change that a float could represent.
+
+    ``kl_divergence`` between two of these is the KL between the *categorical*
+    distributions with their logits, i.e. between the discrete codes that the relaxed
+    samples stand for, not between the relaxed densities. ``TraceMeanField_ELBO`` then
+    trains with Jang et al.'s objective (relaxed reconstruction, exact categorical KL);
+    ``Trace_ELBO`` scores samples with the relaxed densities (Maddison et al.'s).
     """
 
-    base_dist: torch.distributions.ExpRelaxedCategorical
-
-    def _soft_rsample(self, sample_shape: tuple[int, ...]) -> torch.Tensor:
+    def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         log_y = self.base_dist.rsample(sample_shape)
         y = log_y.exp()
         y._log_value = log_y
         return y
 
-    def _soft_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         log_y = getattr(value, "_log_value", None)
         if log_y is None:
             log_y = value.clamp(min=torch.finfo(value.dtype).tiny).log()
@@ -75,19 +81,8 @@ class _LogSpaceConcrete:
         return self.base_dist.log_prob(log_y) - log_y.sum(-1)
 
 
-class RelaxedCategorical(_LogSpaceConcrete, dist.RelaxedOneHotCategorical):
-    """:class:`~pyro.distributions.RelaxedOneHotCategorical` whose log-density stays
-    finite at any temperature in float32 (see :class:`_LogSpaceConcrete`)."""
-
-    def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
-        return self._soft_rsample(sample_shape)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return self._soft_log_prob(value)
-
-
 class RelaxedCategoricalStraightThrough(
-    _LogSpaceConcrete, dist.RelaxedOneHotCategoricalStraightThrough
+    RelaxedCategorical, dist.RelaxedOneHotCategoricalStraightThrough
 ):
     """Straight-through Gumbel-softmax: samples are exact one-hot codes, gradients flow
     through the relaxed sample, and ``log_prob`` scores the relaxed sample that the code
@@ -95,13 +90,20 @@ class RelaxedCategoricalStraightThrough(
     the model alike, so both sides must use this class."""
 
     def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
-        soft = self._soft_rsample(sample_shape)
+        soft = super().rsample(sample_shape)
         hard = QuantizeCategorical.apply(soft)
         hard._unquantize = soft
         return hard
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return self._soft_log_prob(getattr(value, "_unquantize", value))
+        return super().log_prob(getattr(value, "_unquantize", value))
+
+
+@register_kl(RelaxedCategorical, RelaxedCategorical)
+def _categorical_kl(p: RelaxedCategorical, q: RelaxedCategorical) -> torch.Tensor:
+    return kl_divergence(
+        dist.Categorical(logits=p.base_dist.logits), dist.Categorical(logits=q.base_dist.logits)
+    )
 
 
 class CategoricalLatent(nn.Module):

@@ -48,7 +48,11 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--beta", type=float, default=1.0, help="KL weight (1 = the ELBO)")
     train.add_argument("--warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
-    train.add_argument("--elbo", choices=list(ELBOS), default="trace")
+    train.add_argument(
+        "--elbo",
+        choices=list(ELBOS),
+        help="default: trace; meanfield for relaxed-categorical (exact categorical KL)",
+    )
     train.add_argument("--temperature", type=float, default=1.0, help="Concrete: start")
     train.add_argument("--temperature-floor", type=float, default=0.5, help="Concrete: end")
     train.add_argument(
@@ -128,7 +132,7 @@ def main(args: argparse.Namespace) -> None:
             lr=args.lr,
             beta=args.beta,
             warmup=args.warmup,
-            elbo=args.elbo,
+            elbo=args.elbo or ("meanfield" if args.latent == "relaxed-categorical" else "trace"),
             seed=args.seed,
             device=device,
             num_workers=args.num_workers,

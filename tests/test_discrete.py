@@ -13,7 +13,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import VAE, fit, load_vae, save_checkpoint
 from pyro_vae.data import load_mnist
@@ -100,6 +100,23 @@ def test_training_loss_and_gradients_finite_at_low_temperature(device, arch, str
         loss.backward()
         assert torch.isfinite(loss), temperature
         assert all(torch.isfinite(p.grad).all() for p in vae.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_mean_field_elbo_uses_the_exact_categorical_kl(straight_through):
+    # TraceMeanField_ELBO = relaxed reconstruction + exact KL of the categorical codes
+    # (Jang et al.'s objective), with the KL weight applied to the KL alone
+    vae = tiny_vae(straight_through=straight_through)
+    x = (torch.rand(5, 1, 28, 28) < 0.3).float()
+    pyro.set_rng_seed(3)
+    with vae.kl_weight(0.5):
+        mean_field = TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(3)  # the same relaxed draws, scored without the KL
+    with vae.kl_weight(1e-12):
+        reconstruction = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    log_q = torch.log_softmax(vae.encoder(x), -1)
+    kl = (log_q.exp() * (log_q + math.log(4))).sum()
+    torch.testing.assert_close(mean_field, reconstruction + 0.5 * kl, rtol=1e-5, atol=1e-3)
 
 
 # ---------------------------------------------------------------- hard-code evaluation
