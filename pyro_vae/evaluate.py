@@ -30,7 +30,11 @@ def log_weights(
         closed form instead: not importance weights, but terms whose mean is the ELBO
         with an exact KL (less noisy, e.g. for discrete codes).
     """
-    with pyro.plate(PARTICLE_PLATE, num_particles, dim=-2, device=x.device):
+    # a private param store scope: evaluating must not register parameters in the user's
+    with (
+        pyro.get_param_store().scope(),
+        pyro.plate(PARTICLE_PLATE, num_particles, dim=-2, device=x.device),
+    ):
         guide_trace = poutine.trace(vae.guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
     model_trace.compute_log_prob()

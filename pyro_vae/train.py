@@ -10,6 +10,8 @@ overwrites parameters of other models in the same process.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -198,6 +200,9 @@ def fit(
             )
 
     loss_fn = ELBOS[elbo]()
+    # bound once: JitTrace_ELBO keys its compiled graph on the identity of model and guide,
+    # and every attribute access makes a new bound method
+    model, guide = vae.model, vae.guide
     warmup_steps = warmup * len(batches)
     anneal_steps = (epochs if temperature_anneal is None else temperature_anneal) * len(batches)
     # only latents with a relaxation have a temperature
@@ -207,7 +212,7 @@ def fit(
         schedule = temperature, temperature_floor, temperature_schedule, anneal_steps
         return temperature_at(steps, *schedule)
 
-    with pyro.get_param_store().scope():
+    with pyro.get_param_store().scope(), _DeferredInterrupt() as interrupt:
         try:
             while run.epoch < epochs:
                 start = time.perf_counter()
@@ -226,10 +231,16 @@ def fit(
                         # as the KL warm-up does, step n uses the value reached after n + 1 steps,
                         # so the last step of the annealing is at the floor
                         vae.latent.temperature = temperature_after(run.step + 1)
-                    with vae.kl_weight(weight):
-                        loss = loss_fn.differentiable_loss(
-                            vae.model, vae.guide, x, num_data=batches.num_data
-                        )
+                    try:
+                        with vae.kl_weight(weight):
+                            loss = loss_fn.differentiable_loss(
+                                model, guide, x, num_data=batches.num_data
+                            )
+                    except ValueError as error:
+                        # distribution validation meets NaN parameters before the loss does
+                        if "invalid values" not in str(error):
+                            raise
+                        raise TrainingDivergedError(run.step + 1, float("nan")) from None
                     value = loss.item()
                     if not math.isfinite(value):
                         raise TrainingDivergedError(run.step + 1, value)
@@ -239,6 +250,8 @@ def fit(
                     run.advance(value / batches.num_data, x.shape[0])
                     if run.batch % 10 == 0:
                         bar.set_postfix(loss=f"{run.loss_sum / run.images:.2f}")
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
                 run.seconds += time.perf_counter() - start
                 test_elbo = None
                 if test_x is not None:
@@ -266,6 +279,31 @@ def fit(
             raise
     vae.eval()
     return history
+
+
+class _DeferredInterrupt:
+    """Turns the first Ctrl-C into a request that the loop honours between two steps,
+    so the checkpoint written on interruption holds a consistent state (weights,
+    optimizer, progress and RNG all after the same step). A second Ctrl-C stops at once.
+    Outside the main thread, where handlers cannot be set, Ctrl-C acts as usual."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclass

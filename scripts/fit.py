@@ -10,6 +10,7 @@ import argparse
 import csv
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -99,22 +100,9 @@ def main(args: argparse.Namespace) -> None:
     elif args.limit is not None:
         train = torch.utils.data.Subset(train, range(min(args.limit, len(train))))
     test = test.head(args.test_limit).images
-    config = VAEConfig(
-        image_shape=tuple(test.shape[1:]),
-        likelihood=args.likelihood,
-        arch=args.arch,
-        latent_dim=args.latent_dim,
-        hidden=args.hidden,
-        depth=args.depth,
-        channels=args.channels,
-        gaussian_sigma=args.gaussian_sigma,
-        sigma_init=args.sigma_init,
-        name=args.name,
-        latent=args.latent,
-        groups=args.groups,
-        classes=args.classes,
-        straight_through=args.straight_through,
-    )
+    # every model option is named after its VAEConfig field
+    options = {f.name: getattr(args, f.name) for f in fields(VAEConfig) if f.name in vars(args)}
+    config = VAEConfig(image_shape=tuple(test.shape[1:]), **options)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(

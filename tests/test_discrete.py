@@ -16,7 +16,6 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import VAE, fit, load_vae, save_checkpoint
-from pyro_vae.data import load_mnist
 from pyro_vae.errors import DataError
 from pyro_vae.evaluate import elbo, iwae_log_likelihood
 from pyro_vae.latents import RelaxedCategorical, RelaxedCategoricalStraightThrough
@@ -24,25 +23,7 @@ from pyro_vae.tokenizer import codebook_usage
 from pyro_vae.train import temperature_at
 
 REPO = Path(__file__).resolve().parents[1]
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-        ],
-    ),
-]
-
-
-@pytest.fixture(scope="module")
-def mnist_dir() -> Path:
-    """The folder above MNIST/raw: $PYRO_VAE_MNIST_DIR, else ../shared/data beside the repo."""
-    root = Path(os.environ.get("PYRO_VAE_MNIST_DIR", REPO.parent / "shared" / "data"))
-    if not (root / "MNIST" / "raw").is_dir():
-        pytest.fail(f"MNIST not found in {root}/MNIST/raw; set PYRO_VAE_MNIST_DIR")
-    return root
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # conftest skips cuda without a GPU
 
 
 def tiny_vae(**kwargs) -> VAE:
@@ -204,8 +185,8 @@ def test_temperature_schedules():
         temperature_at(0, 1.0, 0.5, "linear", 10)
 
 
-def test_straight_through_trains_and_loss_falls(mnist_dir):
-    images = load_mnist(mnist_dir, "train").images
+def test_straight_through_trains_and_loss_falls(mnist_train):
+    images = mnist_train.images
     vae = VAE(latent="relaxed-categorical", groups=10, classes=10, hidden=64, straight_through=True)
     history = fit(
         vae,

@@ -1,0 +1,87 @@
+"""Each likelihood's log-density against torch's own distributions, and its data checks."""
+
+import pytest
+import torch
+import torch.distributions as td
+
+from pyro_vae import VAEConfig
+from pyro_vae.errors import DataError
+from pyro_vae.likelihoods import (
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    GaussianLikelihood,
+    make_likelihood,
+)
+
+SHAPE = (1, 4, 3)
+
+
+@pytest.fixture
+def params():
+    return torch.randn(5, *SHAPE) * 2
+
+
+def test_bernoulli_matches_torch(params):
+    x = (torch.rand(5, *SHAPE) < 0.5).float()
+    ours = BernoulliLikelihood().distribution(params).log_prob(x)
+    ref = td.Bernoulli(logits=params).log_prob(x).sum((-3, -2, -1))
+    assert ours.shape == (5,)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_continuous_bernoulli_matches_torch(params):
+    x = torch.rand(5, *SHAPE)
+    ours = ContinuousBernoulliLikelihood().distribution(params).log_prob(x)
+    ref = td.ContinuousBernoulli(logits=params).log_prob(x).sum((-3, -2, -1))
+    torch.testing.assert_close(ours, ref)
+    # the normalized density integrates to one on [0, 1] (midpoint rule, one pixel)
+    grid = (torch.arange(2000) + 0.5) / 2000
+    density = td.ContinuousBernoulli(logits=torch.tensor(1.7)).log_prob(grid).exp()
+    assert abs(density.mean().item() - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize("sigma", ["shared", "pixel", "fixed"])
+def test_gaussian_matches_torch(params, sigma):
+    likelihood = GaussianLikelihood(SHAPE, sigma=sigma, init=0.3, floor=1e-3)
+    x = torch.randn(5, *SHAPE)
+    torch.testing.assert_close(likelihood.sigma, torch.full_like(likelihood.sigma, 0.3))
+    ours = likelihood.distribution(params).log_prob(x)
+    ref = td.Normal(params, 0.3).log_prob(x).sum((-3, -2, -1))
+    torch.testing.assert_close(ours, ref)
+    learned = [p for p in likelihood.parameters()]
+    assert len(learned) == (0 if sigma == "fixed" else 1)
+    if sigma == "pixel":
+        assert learned[0].shape == SHAPE
+
+
+def test_gaussian_sigma_never_below_floor():
+    likelihood = GaussianLikelihood(SHAPE, sigma="shared", init=0.1, floor=1e-3)
+    with torch.no_grad():
+        likelihood.raw_sigma.fill_(-1e4)
+    assert likelihood.sigma.item() >= 1e-3
+    assert torch.isfinite(likelihood.distribution(torch.zeros(SHAPE)).log_prob(torch.zeros(SHAPE)))
+
+
+def test_default_gaussian_is_calibrated_not_unit_sigma():
+    likelihood = make_likelihood(VAEConfig(likelihood="gaussian"))
+    assert isinstance(likelihood, GaussianLikelihood)
+    assert any(p.requires_grad for p in likelihood.parameters()), "sigma should be learned"
+    assert likelihood.sigma.item() < 1.0
+
+
+def test_bernoulli_refuses_grey_pixels():
+    with pytest.raises(DataError, match="binary"):
+        BernoulliLikelihood().check_data(torch.full((2, *SHAPE), 0.5))
+    BernoulliLikelihood().check_data(torch.ones(2, *SHAPE))
+
+
+@pytest.mark.parametrize("cls", [BernoulliLikelihood, ContinuousBernoulliLikelihood])
+def test_nan_and_out_of_range_pixels_are_refused(cls):
+    x = torch.zeros(2, *SHAPE)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match="NaN"):
+        cls().check_data(x)
+    with pytest.raises(DataError):
+        cls().check_data(torch.full((2, *SHAPE), 1.5))
+    with pytest.raises(DataError, match="floating"):
+        cls().check_data(torch.zeros(2, *SHAPE, dtype=torch.uint8))
