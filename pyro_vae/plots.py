@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def _plt():
@@ -75,7 +76,8 @@ def _token_colours(tokens: torch.Tensor, codebook_size: int, ncol: int) -> np.nd
     """Tile integer token grids ``(N, h, w)`` as RGB, one colour per code, white between."""
     plt = _plt()
     scaled = tokens.float().unsqueeze(1) / max(codebook_size - 1, 1)
-    inside = tile(torch.zeros_like(scaled), ncol) == 0
+    # padding between tiles, and cells marked -1 (no code), are drawn white
+    inside = tile((tokens < 0).float().unsqueeze(1), ncol) == 0
     rgb = plt.get_cmap("viridis")(tile(scaled, ncol))[..., :3]
     rgb[~inside] = 1.0
     return rgb
@@ -88,12 +90,17 @@ def tokenizer(
     codebook_size: int,
     ncol: int = 16,
 ):
-    """Originals, their tokens (one colour per code; a row of codes per image for an MLP,
+    """Originals, their tokens (one colour per code; the groups of an MLP wrapped into a block,
     a grid for a conv tokenizer) and the images decoded from those tokens alone."""
     plt = _plt()
-    grids = tokens if tokens.dim() == 3 else tokens.unsqueeze(1)
-    # a conv grid has one code per patch: blow it up to the images' size so panels align
-    scale = max(originals.shape[-2] // grids.shape[-2], 1) if tokens.dim() == 3 else 1
+    grids = tokens
+    if tokens.dim() == 2:  # groups have no layout: wrap them into a near-square block
+        groups = tokens.shape[1]
+        width = math.ceil(math.sqrt(groups))
+        rows = math.ceil(groups / width)
+        grids = F.pad(tokens, (0, rows * width - groups), value=-1).reshape(-1, rows, width)
+    # blow the grid up to the images' size so the panels align
+    scale = max(originals.shape[-2] // grids.shape[-2], 1)
     grids = grids.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
     panels = [
         (tile(originals, ncol), "originals"),
