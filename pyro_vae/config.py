@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "gaussian")
-LATENTS = ("gaussian",)
+LATENTS = ("gaussian", "relaxed-categorical")
 ARCHS = ("mlp", "conv")
 GAUSSIAN_SIGMAS = ("shared", "pixel", "fixed")
 
@@ -22,7 +22,8 @@ class VAEConfig:
     image_shape: tuple[int, int, int] = (1, 28, 28)
     #: p(x | z): "bernoulli" for binary pixels, "continuous-bernoulli" or "gaussian" for grey.
     likelihood: str = "bernoulli"
-    #: the latent family; "gaussian" is N(0, I) with a diagonal Normal guide.
+    #: the latent family; "gaussian" is N(0, I) with a diagonal Normal guide,
+    #: "relaxed-categorical" discrete codes trained with the Gumbel-softmax relaxation.
     latent: str = "gaussian"
     #: "mlp" (fully connected) or "conv" (strided convolutions, 4x down/up-sampling).
     arch: str = "mlp"
@@ -46,6 +47,15 @@ class VAEConfig:
     #: lower bound of a learned sigma: the size of the 8-bit quantization noise
     #: (1 / 256 / sqrt(12) ~ 1.1e-3), below which a density on dequantized pixels means nothing.
     sigma_floor: float = 1e-3
+    #: relaxed-categorical, MLP only: number of independent codes (groups). 30 groups of
+    #: 10 classes is the MNIST model of Jang, Gu & Poole (2017). With arch "conv" the codes
+    #: are a grid of (height / 4) x (width / 4) instead.
+    groups: int = 30
+    #: relaxed-categorical: classes per code, i.e. the codebook size of the tokenizer.
+    classes: int = 10
+    #: relaxed-categorical: straight-through Gumbel-softmax (one-hot samples in training,
+    #: gradients of the relaxed sample) instead of the plain relaxation.
+    straight_through: bool = False
     #: prefix of every Pyro site and parameter name, so two VAEs can share one Pyro program.
     name: str = "vae"
 
@@ -65,9 +75,11 @@ class VAEConfig:
                 f"arch 'conv' halves the image twice, so height and width must be multiples "
                 f"of 4; got {shape[1]} x {shape[2]} (resize the images, or use arch 'mlp')"
             )
-        for key in ("latent_dim", "hidden", "depth", "channels"):
+        for key in ("latent_dim", "hidden", "depth", "channels", "groups"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if self.classes < 2:
+            raise ValueError(f"classes must be at least 2, got {self.classes}")
         if not 0 < self.sigma_floor <= self.sigma_init:
             raise ValueError(
                 f"need 0 < sigma_floor <= sigma_init, got {self.sigma_floor} and {self.sigma_init}"

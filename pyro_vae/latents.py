@@ -9,6 +9,9 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro.distributions.relaxed_straight_through import QuantizeCategorical
+from torch import nn
+from torch.distributions import kl_divergence, register_kl
 
 from .config import VAEConfig
 
@@ -25,6 +28,8 @@ class GaussianLatent:
 
     def __init__(self, dim: int):
         self.dim = dim
+        #: the codes are a vector, not a spatial grid, so the usual networks apply.
+        self.spatial = False
         self.encoder_features = 2 * dim
         self.decoder_features = dim
 
@@ -43,6 +48,154 @@ class GaussianLatent:
         return encoded[..., : self.dim]
 
 
-def make_latent(config: VAEConfig) -> GaussianLatent:
+class RelaxedCategorical(dist.RelaxedOneHotCategorical):
+    """:class:`~pyro.distributions.RelaxedOneHotCategorical` whose log-density stays finite
+    at any temperature in float32, and whose KL is that of the categorical it relaxes.
+
+    A relaxed one-hot sample is ``y = exp(x)`` with ``x`` a log-space Concrete draw. At a
+    low temperature ``x`` reaches -100 and below, ``exp(x)`` underflows to 0 in float32,
+    and torch's ``log_prob(y)`` takes ``log(0)``: -inf, then NaN. Here each sample keeps
+    its exact log as an attribute, and the density of ``y`` is computed from ``log y``
+    (the ExpConcrete density of Maddison et al., 2017, plus the Jacobian of ``exp``). A
+    value that does not carry its log (one not drawn here) is clamped to the smallest
+    positive float first: still finite, and no change that a float could represent.
+
+    ``kl_divergence`` between two of these is the KL between the *categorical*
+    distributions with their logits, i.e. between the discrete codes that the relaxed
+    samples stand for, not between the relaxed densities. ``TraceMeanField_ELBO`` then
+    trains with Jang et al.'s objective (relaxed reconstruction, exact categorical KL);
+    ``Trace_ELBO`` scores samples with the relaxed densities (Maddison et al.'s).
+    """
+
+    def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        log_y = self.base_dist.rsample(sample_shape)
+        y = log_y.exp()
+        y._log_value = log_y
+        return y
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        log_y = getattr(value, "_log_value", None)
+        if log_y is None:
+            log_y = value.clamp(min=torch.finfo(value.dtype).tiny).log()
+        # ExpConcrete density of log y, plus the log-Jacobian of y = exp(x)
+        return self.base_dist.log_prob(log_y) - log_y.sum(-1)
+
+
+class RelaxedCategoricalStraightThrough(
+    RelaxedCategorical, dist.RelaxedOneHotCategoricalStraightThrough
+):
+    """Straight-through Gumbel-softmax: samples are exact one-hot codes, gradients flow
+    through the relaxed sample, and ``log_prob`` scores the relaxed sample that the code
+    was quantized from. Scoring needs that very tensor (not a clone), in the guide and in
+    the model alike, so both sides must use this class."""
+
+    def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        soft = super().rsample(sample_shape)
+        hard = QuantizeCategorical.apply(soft)
+        hard._unquantize = soft
+        return hard
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return super().log_prob(getattr(value, "_unquantize", value))
+
+
+@register_kl(RelaxedCategorical, RelaxedCategorical)
+def _categorical_kl(p: RelaxedCategorical, q: RelaxedCategorical) -> torch.Tensor:
+    return kl_divergence(
+        dist.Categorical(logits=p.base_dist.logits), dist.Categorical(logits=q.base_dist.logits)
+    )
+
+
+class CategoricalLatent(nn.Module):
+    """Discrete codes: ``code_shape`` independent categorical variables of ``classes`` each,
+    under a uniform prior, with a factorized categorical posterior.
+
+    ``code_shape`` is ``(groups,)`` for an MLP, or ``(height, width)``: a spatial grid of
+    codes for convolutional networks. A code is stored one-hot, so z has shape
+    ``(..., *code_shape, classes)``.
+
+    In training mode (``vae.train()``) the codes are relaxed: the guide draws from a
+    Concrete / Gumbel-softmax distribution at :attr:`temperature`, scored by the relaxed
+    uniform prior of the same class and temperature, so ``Trace_ELBO`` reparameterizes
+    through the sample (Jang et al., 2017; Maddison et al., 2017). In evaluation mode
+    (``vae.eval()``) the model is the discrete one: exact one-hot codes from the
+    categorical posterior, scored by the uniform categorical prior, so ELBOs and
+    importance weights are bounds on the log-likelihood of the discrete model.
+
+    It is an ``nn.Module`` without parameters only so that it follows its VAE's
+    train/eval mode.
+
+    :param straight_through: draw exact one-hot codes in training too, with gradients of
+        the relaxed sample (the straight-through estimator).
+    """
+
+    def __init__(self, code_shape: tuple[int, ...], classes: int, straight_through: bool):
+        super().__init__()
+        self.code_shape = tuple(code_shape)
+        self.classes = classes
+        self.straight_through = straight_through
+        #: a grid of codes needs fully convolutional networks that keep its layout.
+        self.spatial = len(self.code_shape) == 2
+        self.encoder_features = (*self.code_shape, classes)
+        self.decoder_features = (*self.code_shape, classes)
+        #: Concrete temperature of training-mode draws; set by the training loop's schedule.
+        self.temperature = 1.0
+
+    @property
+    def codebook_size(self) -> int:
+        """Number of distinct values each code takes (K)."""
+        return self.classes
+
+    def _relaxed(self, logits: torch.Tensor) -> dist.TorchDistribution:
+        family = RelaxedCategoricalStraightThrough if self.straight_through else RelaxedCategorical
+        temperature = logits.new_tensor(self.temperature)
+        return family(temperature, logits=logits).to_event(len(self.code_shape))
+
+    def prior(self, batch_shape: torch.Size, like: torch.Tensor) -> dist.TorchDistribution:
+        """Uniform over the K classes of every code, for ``batch_shape`` data points."""
+        logits = like.new_zeros(()).expand((*batch_shape, *self.code_shape, self.classes))
+        if self.training:
+            return self._relaxed(logits)
+        return dist.OneHotCategorical(logits=logits).to_event(len(self.code_shape))
+
+    def posterior(self, encoded: torch.Tensor) -> dist.TorchDistribution:
+        """q(z | x) from the encoder's logits ``(..., *code_shape, classes)``."""
+        if self.training:
+            return self._relaxed(encoded)
+        return dist.OneHotCategorical(logits=encoded).to_event(len(self.code_shape))
+
+    def code(self, encoded: torch.Tensor) -> torch.Tensor:
+        """The single most representative z for an input: the one-hot most likely code."""
+        return self.one_hot(self.tokens(encoded))
+
+    def tokens(self, encoded: torch.Tensor) -> torch.Tensor:
+        """The most likely class of every code, ``(..., *code_shape)`` integers."""
+        return encoded.argmax(-1)
+
+    def one_hot(self, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Decoder input for integer ``tokens`` of shape ``(..., *code_shape)``."""
+        shape = tuple(tokens.shape[tokens.dim() - len(self.code_shape) :])
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or shape != self.code_shape:
+            want = ", ".join(map(str, self.code_shape))
+            raise ValueError(
+                f"tokens must be an integer tensor of shape (batch, {want}), "
+                f"got {tokens.dtype} of shape {tuple(tokens.shape)}"
+            )
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.classes):
+            raise ValueError(
+                f"tokens must lie in 0..{self.classes - 1} (the codebook size is "
+                f"{self.classes}); got values in {tokens.min().item()}..{tokens.max().item()}"
+            )
+        return F.one_hot(tokens.long(), self.classes).to(dtype)
+
+
+def make_latent(config: VAEConfig) -> GaussianLatent | CategoricalLatent:
     """The latent family named by ``config.latent``."""
+    if config.latent == "relaxed-categorical":
+        if config.arch == "conv":
+            # two stride-2 convolutions: one code per 4 x 4 patch of the image
+            code_shape = (config.image_shape[1] // 4, config.image_shape[2] // 4)
+        else:
+            code_shape = (config.groups,)
+        return CategoricalLatent(code_shape, config.classes, config.straight_through)
     return GaussianLatent(config.latent_dim)

@@ -9,6 +9,8 @@ vectorized inference works without reshaping at the call site.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -36,30 +38,52 @@ def _mlp(sizes: list[int]) -> list[nn.Module]:
     return layers
 
 
+def _shape(features: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (features,) if isinstance(features, int) else tuple(features)
+
+
 class MLPEncoder(_LeadingDims):
     """(…, C, H, W) image -> (…, out_features) through ``depth`` Softplus hidden layers
-    (one, as in Pyro's VAE example, by default)."""
+    (one, as in Pyro's VAE example, by default). A tuple ``out_features`` gives outputs of
+    that shape, e.g. ``(groups, classes)`` logits of discrete codes."""
 
     def __init__(
-        self, image_shape: tuple[int, int, int], hidden: int, out_features: int, depth: int = 1
+        self,
+        image_shape: tuple[int, int, int],
+        hidden: int,
+        out_features: int | tuple[int, ...],
+        depth: int = 1,
     ):
         super().__init__()
         self.event_dims = 3
         pixels = image_shape[0] * image_shape[1] * image_shape[2]
-        self.net = nn.Sequential(nn.Flatten(), *_mlp([pixels, *[hidden] * depth, out_features]))
+        out = _shape(out_features)
+        self.net = nn.Sequential(
+            nn.Flatten(), *_mlp([pixels, *[hidden] * depth, math.prod(out)]), nn.Unflatten(1, out)
+        )
 
 
 class MLPDecoder(_LeadingDims):
-    """(…, in_features) code -> (…, C, H, W) raw pixel parameters."""
+    """(…, in_features) code -> (…, C, H, W) raw pixel parameters. A tuple ``in_features``
+    takes codes of that shape, e.g. ``(groups, classes)`` one-hot codes."""
 
     def __init__(
-        self, in_features: int, hidden: int, image_shape: tuple[int, int, int], depth: int = 1
+        self,
+        in_features: int | tuple[int, ...],
+        hidden: int,
+        image_shape: tuple[int, int, int],
+        depth: int = 1,
     ):
         super().__init__()
-        self.event_dims = 1
+        shape = _shape(in_features)
+        self.event_dims = len(shape)
         pixels = image_shape[0] * image_shape[1] * image_shape[2]
+        # a flat code keeps the layer indices (and checkpoint keys) of a plain MLP
+        flatten = [nn.Flatten()] if len(shape) > 1 else []
         self.net = nn.Sequential(
-            *_mlp([in_features, *[hidden] * depth, pixels]), nn.Unflatten(1, image_shape)
+            *flatten,
+            *_mlp([math.prod(shape), *[hidden] * depth, pixels]),
+            nn.Unflatten(1, image_shape),
         )
 
 
@@ -106,3 +130,56 @@ class ConvDecoder(_LeadingDims):
             nn.SiLU(),
             nn.ConvTranspose2d(channels, c, 4, stride=2, padding=1),
         )
+
+
+class ConvGridEncoder(_LeadingDims):
+    """(…, C, H, W) -> (…, H/4, W/4, classes): logits of a grid of codes, one per 4 x 4 patch.
+
+    Fully convolutional, as the dVAE of DALL-E is, so a code describes its own part of
+    the image and the grid keeps the image's layout.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], channels: int, classes: int):
+        super().__init__()
+        self.event_dims = 3
+        self.net = nn.Sequential(
+            nn.Conv2d(image_shape[0], channels, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(2 * channels, 2 * channels, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(2 * channels, classes, 1),
+            _ChannelsLast(),
+        )
+
+
+class ConvGridDecoder(_LeadingDims):
+    """(…, h, w, classes) one-hot grid -> (…, C, 4h, 4w): the mirror of :class:`ConvGridEncoder`.
+
+    The first 1 x 1 convolution is a learned embedding of each code.
+    """
+
+    def __init__(self, classes: int, channels: int, image_shape: tuple[int, int, int]):
+        super().__init__()
+        self.event_dims = 3
+        self.net = nn.Sequential(
+            _ChannelsFirst(),
+            nn.Conv2d(classes, 2 * channels, 1),
+            nn.SiLU(),
+            nn.Conv2d(2 * channels, 2 * channels, 3, padding=1),
+            nn.SiLU(),
+            nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.ConvTranspose2d(channels, image_shape[0], 4, stride=2, padding=1),
+        )
+
+
+class _ChannelsLast(nn.Module):
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.permute(0, 2, 3, 1)
+
+
+class _ChannelsFirst(nn.Module):
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.permute(0, 3, 1, 2)

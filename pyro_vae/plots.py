@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def _plt():
@@ -67,6 +68,52 @@ def reconstructions(originals: torch.Tensor, reconstructed: torch.Tensor, ncol: 
     fig, axes = plt.subplots(2, 1, figsize=(8, 8 * ratio + 0.8))
     _show(axes[0], top, "originals")
     _show(axes[1], bottom, "reconstructions")
+    fig.tight_layout()
+    return fig
+
+
+def _token_colours(tokens: torch.Tensor, codebook_size: int, ncol: int) -> np.ndarray:
+    """Tile integer token grids ``(N, h, w)`` as RGB, one colour per code, white between."""
+    plt = _plt()
+    scaled = tokens.float().unsqueeze(1) / max(codebook_size - 1, 1)
+    # padding between tiles, and cells marked -1 (no code), are drawn white
+    inside = tile((tokens < 0).float().unsqueeze(1), ncol) == 0
+    rgb = plt.get_cmap("viridis")(tile(scaled, ncol))[..., :3]
+    rgb[~inside] = 1.0
+    return rgb
+
+
+def tokenizer(
+    originals: torch.Tensor,
+    tokens: torch.Tensor,
+    decoded: torch.Tensor,
+    codebook_size: int,
+    ncol: int = 16,
+):
+    """Originals, their tokens (one colour per code; the groups of an MLP wrapped into a block,
+    a grid for a conv tokenizer) and the images decoded from those tokens alone."""
+    plt = _plt()
+    grids = tokens
+    if tokens.dim() == 2:  # groups have no layout: wrap them into a near-square block
+        groups = tokens.shape[1]
+        width = math.ceil(math.sqrt(groups))
+        rows = math.ceil(groups / width)
+        grids = F.pad(tokens, (0, rows * width - groups), value=-1).reshape(-1, rows, width)
+    # blow the grid up to the images' size so the panels align
+    scale = max(originals.shape[-2] // grids.shape[-2], 1)
+    grids = grids.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+    panels = [
+        (tile(originals, ncol), "originals"),
+        (_token_colours(grids.cpu(), codebook_size, ncol), f"tokens (codebook of {codebook_size})"),
+        (tile(decoded, ncol), "decoded from the tokens"),
+    ]
+    heights = [panel.shape[0] for panel, _ in panels]
+    width = panels[0][0].shape[1]
+    fig, axes = plt.subplots(
+        3, 1, figsize=(8, 8 * sum(heights) / width + 1.2), height_ratios=heights
+    )
+    for ax, (panel, title) in zip(axes, panels, strict=True):
+        _show(ax, panel, title)
     fig.tight_layout()
     return fig
 

@@ -46,6 +46,8 @@ class EpochRecord:
     seconds: float
     #: KL weight (beta times warm-up) at the end of the epoch.
     kl_weight: float
+    #: Concrete temperature at the end of the epoch (None: the latent has no temperature).
+    temperature: float | None = None
 
 
 @dataclass
@@ -83,6 +85,31 @@ def kl_weight_at(step: int, beta: float, warmup_steps: float) -> float:
     return beta * min(1.0, (step + 1) / warmup_steps)
 
 
+#: shapes of the temperature schedule, from ``temperature`` down to ``temperature_floor``.
+TEMPERATURE_SCHEDULES = ("exponential", "cosine", "constant")
+
+
+def temperature_at(step: int, start: float, floor: float, shape: str, anneal_steps: float) -> float:
+    """Concrete temperature after ``step`` optimizer steps.
+
+    "exponential" decays geometrically from ``start`` to ``floor`` over ``anneal_steps``
+    steps (the log-temperature falls linearly, as in Jang et al.'s ``exp(-r t)``);
+    "cosine" follows half a cosine between them; both stay at ``floor`` afterwards.
+    "constant" keeps ``start``. A low temperature makes relaxed samples nearly one-hot
+    (less bias against the discrete model) but their gradients noisier.
+    """
+    if shape == "constant":
+        return start
+    progress = 1.0 if anneal_steps <= 0 else min(1.0, step / anneal_steps)
+    if shape == "exponential":
+        return start * (floor / start) ** progress
+    if shape == "cosine":
+        return floor + (start - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(
+        f"unknown temperature schedule {shape!r}; choose one of: {', '.join(TEMPERATURE_SCHEDULES)}"
+    )
+
+
 def fit(
     vae,
     train: torch.Tensor | Dataset,
@@ -100,6 +127,10 @@ def fit(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    temperature: float = 1.0,
+    temperature_floor: float = 0.5,
+    temperature_schedule: str = "exponential",
+    temperature_anneal: float | None = None,
 ) -> History:
     """Train ``vae`` by SVI on ``train`` and return the per-epoch :class:`History`.
 
@@ -120,6 +151,14 @@ def fit(
     :param checkpoint: file to write after every epoch, on Ctrl-C, and to resume from.
     :param resume: continue from ``checkpoint`` if it exists (weights, optimizer,
         progress, history, RNG states); its config must match ``vae.config``.
+    :param temperature: relaxed-categorical latents: the Concrete temperature at the
+        start of training (ignored by latents without one).
+    :param temperature_floor: the temperature at the end of the annealing, and after it.
+    :param temperature_schedule: "exponential", "cosine" or "constant" (see
+        :func:`temperature_at`); the temperature follows optimizer steps, so a resumed
+        run continues the schedule where it stopped.
+    :param temperature_anneal: epochs over which the temperature falls to the floor
+        (default: all ``epochs``).
     :raises TrainingDivergedError: when the loss stops being finite; the bad step is
         not applied, and ``checkpoint`` keeps the last good epoch.
     """
@@ -127,6 +166,15 @@ def fit(
         raise ValueError(f"unknown elbo {elbo!r}; choose one of: {', '.join(ELBOS)}")
     if epochs < 0 or batch_size < 1 or lr <= 0 or beta < 0 or warmup < 0:
         raise ValueError("need epochs >= 0, batch_size >= 1, lr > 0, beta >= 0, warmup >= 0")
+    if temperature_schedule not in TEMPERATURE_SCHEDULES:
+        raise ValueError(
+            f"unknown temperature schedule {temperature_schedule!r}; "
+            f"choose one of: {', '.join(TEMPERATURE_SCHEDULES)}"
+        )
+    if not 0 < temperature_floor <= temperature:
+        raise ValueError(
+            f"need 0 < temperature floor <= temperature, got {temperature_floor} and {temperature}"
+        )
     device = resolve_device(device)
     vae.to(device)
     vae.train()
@@ -158,6 +206,14 @@ def fit(
     # and every attribute access makes a new bound method
     model, guide = vae.model, vae.guide
     warmup_steps = warmup * len(batches)
+    anneal_steps = (epochs if temperature_anneal is None else temperature_anneal) * len(batches)
+    # only latents with a relaxation have a temperature
+    anneals = hasattr(vae.latent, "temperature")
+
+    def temperature_after(steps: int) -> float:
+        schedule = temperature, temperature_floor, temperature_schedule, anneal_steps
+        return temperature_at(steps, *schedule)
+
     with pyro.get_param_store().scope(), _DeferredInterrupt() as interrupt:
         try:
             while run.epoch < epochs:
@@ -173,6 +229,10 @@ def fit(
                 for images in bar:
                     x = preprocess(images, vae.likelihood.preprocessing)
                     weight = kl_weight_at(run.step, beta, warmup_steps)
+                    if anneals:
+                        # as the KL warm-up does, step n uses the value reached after n + 1 steps,
+                        # so the last step of the annealing is at the floor
+                        vae.latent.temperature = temperature_after(run.step + 1)
                     if check_batches:
                         vae.likelihood.check_data(x)
                     # The data were checked against the likelihood's support before training
@@ -207,6 +267,7 @@ def fit(
                         test_elbo=test_elbo,
                         seconds=run.seconds,
                         kl_weight=kl_weight_at(run.step - 1, beta, warmup_steps),
+                        temperature=temperature_after(run.step) if anneals else None,
                     )
                 )
                 if progress:

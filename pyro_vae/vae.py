@@ -24,9 +24,16 @@ from pyro import poutine
 from pyro.nn import PyroModule, pyro_method
 
 from .config import VAEConfig
-from .latents import make_latent
+from .latents import CategoricalLatent, make_latent
 from .likelihoods import make_likelihood
-from .nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from .nets import (
+    ConvDecoder,
+    ConvEncoder,
+    ConvGridDecoder,
+    ConvGridEncoder,
+    MLPDecoder,
+    MLPEncoder,
+)
 
 
 class VAE(PyroModule):
@@ -55,6 +62,9 @@ class VAE(PyroModule):
             self.decoder = MLPDecoder(
                 self.latent.decoder_features, config.hidden, config.image_shape, config.depth
             )
+        elif self.latent.spatial:
+            self.encoder = ConvGridEncoder(config.image_shape, config.channels, config.classes)
+            self.decoder = ConvGridDecoder(config.classes, config.channels, config.image_shape)
         else:
             self.encoder = ConvEncoder(
                 config.image_shape, config.channels, config.hidden, self.latent.encoder_features
@@ -182,3 +192,23 @@ class VAE(PyroModule):
         """Mean images decoded from ``num_images`` draws of the prior."""
         like = self._a_parameter()
         return self.decode(self.latent.prior((num_images,), like).sample())
+
+    # ----------------------------------------------------------------- discrete codes
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of images: the posterior's most likely class of every code,
+        ``(batch, groups)`` for an MLP or ``(batch, H/4, W/4)`` for a conv grid."""
+        return self._categorical("tokenize").tokens(self.encoder(x))
+
+    def detokenize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean image for each grid or row of integer ``tokens``."""
+        latent = self._categorical("detokenize")
+        like = self._a_parameter()
+        return self.decode(latent.one_hot(tokens.to(like.device), like.dtype))
+
+    def _categorical(self, what: str) -> CategoricalLatent:
+        if not isinstance(self.latent, CategoricalLatent):
+            raise ValueError(
+                f"{what} needs discrete codes, but this VAE has latent {self.config.latent!r}; "
+                "train one with latent 'relaxed-categorical'"
+            )
+        return self.latent

@@ -17,11 +17,12 @@ import torch
 from _cli import add_data_args, load_data, run_main
 
 from pyro_vae import VAE, VAEConfig, fit, plots
-from pyro_vae.config import ARCHS, GAUSSIAN_SIGMAS, LIKELIHOODS
+from pyro_vae.config import ARCHS, GAUSSIAN_SIGMAS, LATENTS, LIKELIHOODS
 from pyro_vae.data import ImageSet, fixed_preprocess
 from pyro_vae.errors import CheckpointError, TrainingDivergedError
 from pyro_vae.evaluate import bits_per_dim
-from pyro_vae.train import ELBOS, resolve_device
+from pyro_vae.tokenizer import discrete_metrics
+from pyro_vae.train import ELBOS, TEMPERATURE_SCHEDULES, resolve_device
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,13 +37,37 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--gaussian-sigma", choices=GAUSSIAN_SIGMAS, default="shared")
     model.add_argument("--sigma-init", type=float, default=0.1)
     model.add_argument("--name", default="vae", help="prefix of Pyro site and parameter names")
+    model.add_argument("--latent", choices=LATENTS, default="gaussian")
+    model.add_argument("--groups", type=int, default=30, help="relaxed-categorical MLP: codes")
+    model.add_argument("--classes", type=int, default=10, help="relaxed-categorical: codebook size")
+    model.add_argument(
+        "--straight-through", action="store_true", help="straight-through Gumbel-softmax"
+    )
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=256)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--beta", type=float, default=1.0, help="KL weight (1 = the ELBO)")
     train.add_argument("--warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
-    train.add_argument("--elbo", choices=list(ELBOS), default="trace")
+    train.add_argument(
+        "--elbo",
+        choices=list(ELBOS),
+        help="default: trace; meanfield for relaxed-categorical (exact categorical KL)",
+    )
+    train.add_argument("--temperature", type=float, default=1.0, help="Concrete: start")
+    train.add_argument("--temperature-floor", type=float, default=0.5, help="Concrete: end")
+    train.add_argument(
+        "--temperature-schedule", choices=TEMPERATURE_SCHEDULES, default="exponential"
+    )
+    train.add_argument(
+        "--temperature-anneal", type=float, help="epochs to reach the floor (default: all)"
+    )
+    train.add_argument(
+        "--iwae-particles",
+        type=int,
+        default=100,
+        help="relaxed-categorical: particles of the test IWAE bound (0: skip it)",
+    )
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--limit", type=int, help="train on the first N images only")
@@ -95,13 +120,17 @@ def main(args: argparse.Namespace) -> None:
             lr=args.lr,
             beta=args.beta,
             warmup=args.warmup,
-            elbo=args.elbo,
+            elbo=args.elbo or ("meanfield" if args.latent == "relaxed-categorical" else "trace"),
             seed=args.seed,
             device=device,
             num_workers=args.num_workers,
             checkpoint=checkpoint,
             resume=args.resume,
             progress=not args.no_progress,
+            temperature=args.temperature,
+            temperature_floor=args.temperature_floor,
+            temperature_schedule=args.temperature_schedule,
+            temperature_anneal=args.temperature_anneal,
         )
     except KeyboardInterrupt:
         print(
@@ -118,9 +147,10 @@ def main(args: argparse.Namespace) -> None:
         error.args = (f"{error}; {kept}",)
         raise
     write_outputs(out, vae, history, test, args)
+    tokens = " tokens.png" if config.latent == "relaxed-categorical" else ""
     print(
         f"wrote {out}/: config.json history.csv metrics.json checkpoint.pt loss.png "
-        "reconstructions.png samples.png"
+        f"reconstructions.png samples.png{tokens}"
     )
 
 
@@ -146,6 +176,8 @@ def write_outputs(out: Path, vae: VAE, history, test: torch.Tensor, args) -> Non
         metrics["test_bits_per_dim_bound"] = bits_per_dim(
             -final["test_elbo"], vae.config.num_pixels
         )
+    if vae.config.latent == "relaxed-categorical":
+        metrics.update(discrete_metrics(vae, test, args.iwae_particles, final.get("train_loss")))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     device = next(vae.parameters()).device
@@ -160,6 +192,12 @@ def write_outputs(out: Path, vae: VAE, history, test: torch.Tensor, args) -> Non
         plots.save(
             plots.image_grid(vae.sample(64), "decoder means of prior samples"), out / "samples.png"
         )
+        if vae.config.latent == "relaxed-categorical":
+            tokens = vae.tokenize(originals)
+            figure = plots.tokenizer(
+                originals, tokens, vae.detokenize(tokens), vae.latent.codebook_size
+            )
+            plots.save(figure, out / "tokens.png")
 
 
 if __name__ == "__main__":

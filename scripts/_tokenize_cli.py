@@ -1,0 +1,113 @@
+"""The body of tokenize.py (kept apart: see the note in tokenize.py about its name)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from _cli import add_data_args, load_data
+
+from pyro_vae import load_vae, plots
+from pyro_vae.data import ImageSet, stack_dataset
+from pyro_vae.errors import DataError
+from pyro_vae.tokenizer import codebook_usage, tokenize_images
+from pyro_vae.train import resolve_device
+
+#: marks a token file as ours, like the checkpoint format tag.
+TOKENS_FORMAT = "pyro_vae.tokens"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tokenize.py",
+        description="Tokenize a data split with a discrete VAE, or decode a token file.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="a relaxed-categorical VAE")
+    p.add_argument("--split", choices=["train", "test"], default="test")
+    p.add_argument("--limit", type=int, help="tokenize the first N images only")
+    p.add_argument(
+        "--decode", type=Path, metavar="TOKENS", help="decode this token file to an image grid"
+    )
+    p.add_argument("--count", type=int, default=64, help="--decode: images in the grid")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--out", type=Path, required=True, help="token file (.pt), or with --decode a picture"
+    )
+    add_data_args(p)
+    return p
+
+
+def main(args: argparse.Namespace) -> None:
+    for name in ("limit", "count", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    vae = load_vae(args.checkpoint, resolve_device(args.device))
+    if vae.config.latent != "relaxed-categorical":
+        raise ValueError(
+            f"{args.checkpoint} holds a VAE with latent {vae.config.latent!r}; "
+            "tokens need latent 'relaxed-categorical'"
+        )
+    if args.decode is not None:
+        decode(vae, args)
+    else:
+        encode(vae, args)
+
+
+def encode(vae, args: argparse.Namespace) -> None:
+    train, test = load_data(args)
+    images = train if args.split == "train" else test
+    if not isinstance(images, ImageSet):
+        images = stack_dataset(images)
+    images = images.head(args.limit)
+    tokens = tokenize_images(vae, images.images, args.batch_size)
+    usage = codebook_usage(tokens, vae.latent.codebook_size)
+    record = {
+        "format": TOKENS_FORMAT,
+        "tokens": tokens,
+        "shape": list(tokens.shape[1:]),
+        "codebook_size": vae.latent.codebook_size,
+        "split": args.split,
+        "checkpoint": str(args.checkpoint),
+        "usage": usage,
+    }
+    if images.labels is not None:
+        record["labels"] = images.labels
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(record, args.out)
+    grid = " x ".join(map(str, tokens.shape[1:]))
+    print(
+        f"wrote {args.out}: {tokens.shape[0]} images as {grid} tokens from a codebook of "
+        f"{usage['codebook_size']}; code-usage perplexity {usage['perplexity']:.1f}, "
+        f"{usage['unused']} codes never used"
+    )
+
+
+def decode(vae, args: argparse.Namespace) -> None:
+    record = load_tokens(args.decode)
+    if record["codebook_size"] != vae.latent.codebook_size:
+        raise DataError(
+            f"{args.decode} has tokens from a codebook of {record['codebook_size']}, but the "
+            f"model's codebook has {vae.latent.codebook_size}"
+        )
+    tokens = record["tokens"][: args.count]
+    with torch.no_grad():
+        images = vae.detokenize(tokens)
+    title = f"decoded from {tokens.shape[0]} token {'grids' if tokens.dim() == 3 else 'rows'}"
+    plots.save(plots.image_grid(images, title), args.out)
+    print(f"wrote {args.out}: {tokens.shape[0]} images decoded from {args.decode}")
+
+
+def load_tokens(path: Path) -> dict:
+    """A token file written by this script, checked to be one."""
+    if not path.is_file():
+        raise DataError(f"token file {path} does not exist")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # zip, pickle and EOF errors all mean "not a token file"
+        raise DataError(f"{path} is not a readable token file") from None
+    if not isinstance(record, dict) or record.get("format") != TOKENS_FORMAT:
+        raise DataError(f"{path} is a torch file but not a token file of tokenize.py")
+    return record
