@@ -107,7 +107,10 @@ def test_p_values_are_uniform_when_the_model_and_guide_are_exact():
     replicates come from exactly the distribution of the data, so every image's p-value is
     uniform over images (up to the discreteness of binary statistics)."""
     vae = small_vae("bernoulli")
-    last_decoder, last_encoder = vae.decoder.net[-2], vae.encoder.net[-1]
+    last_decoder, last_encoder = (
+        [m for m in net.net if isinstance(m, torch.nn.Linear)][-1]
+        for net in (vae.decoder, vae.encoder)
+    )
     with torch.no_grad():
         last_decoder.weight.zero_()
         last_decoder.bias.normal_(0.0, 1.5)
