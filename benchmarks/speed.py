@@ -5,8 +5,8 @@ Both train the MLP 784-400-50 with a Bernoulli likelihood on dynamically binariz
 MNIST (all 60,000 training images, held on the device, batches of 256 by shuffled
 index), Adam at 1e-3, with the same single-sample ELBO estimate as the loss. A third
 contender follows Pyro's VAE example: ``SVI`` with ``pyro.optim.Adam`` and a
-``DataLoader`` per batch. Epochs of the contenders are interleaved (package, plain,
-example, package, ...) so that load on a shared machine hits them alike; the table
+``DataLoader`` per batch. Epochs of the contenders are interleaved, the first of each
+round rotating, so that load on a shared machine and warm-up hit them alike; the table
 gives every epoch and the ratios of medians.
 
     python benchmarks/speed.py --data-dir ../shared/data --epochs 5
@@ -75,6 +75,9 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--elbo", default="trace", help="fit's ELBO: trace (the default), jit, meanfield"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args()
     if args.threads:
@@ -99,21 +102,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "bench.pt"
         for epoch in range(args.epochs):
-            history = fit(
-                package,
-                images,
-                epochs=epoch + 1,
-                batch_size=256,
-                lr=1e-3,
-                device=device,
-                checkpoint=checkpoint,
-                resume=True,
-                progress=False,
-            )
-            package_s = history.epochs[-1].seconds
-            plain_s = plain_epoch(plain, plain_opt, plain_batches, epoch)
-            with pyro.get_param_store().scope():
-                example_s = example_epoch(svi, loader, device, n)
+
+            def package_epoch(epoch: int = epoch) -> float:
+                history = fit(
+                    package,
+                    images,
+                    epochs=epoch + 1,
+                    batch_size=256,
+                    lr=1e-3,
+                    device=device,
+                    checkpoint=checkpoint,
+                    resume=True,
+                    progress=False,
+                    elbo=args.elbo,
+                )
+                return history.epochs[-1].seconds
+
+            def pyro_example_epoch() -> float:
+                with pyro.get_param_store().scope():
+                    return example_epoch(svi, loader, device, n)
+
+            def plain_pytorch_epoch(epoch: int = epoch) -> float:
+                return plain_epoch(plain, plain_opt, plain_batches, epoch)
+
+            contenders = (package_epoch, plain_pytorch_epoch, pyro_example_epoch)
+            # rotate who goes first, so that warm-up and drift favour none of them
+            seconds = {i: contenders[i]() for i in ((epoch + k) % 3 for k in range(3))}
+            package_s, plain_s, example_s = seconds[0], seconds[1], seconds[2]
             rows.append((package_s, plain_s, example_s))
             print(
                 f"epoch {epoch + 1}: pyro_vae.fit {package_s:6.2f} s   plain {plain_s:6.2f} s   "
@@ -124,8 +139,8 @@ def main() -> None:
 
     fit_med, plain_med, example_med = (statistics.median(c) for c in zip(*rows, strict=True))
     print(
-        f"\ndevice {device}, torch threads {torch.get_num_threads()}, {args.epochs} epochs, "
-        f"{n} images, batch 256"
+        f"\nfit with elbo={args.elbo}; device {device}, torch threads {torch.get_num_threads()}, "
+        f"{args.epochs} epochs, {n} images, batch 256"
     )
     print(
         f"median epoch: pyro_vae.fit {fit_med:.2f} s, plain PyTorch {plain_med:.2f} s, "
