@@ -43,6 +43,7 @@ from .latents import GaussianLatent
 from .likelihoods import make_likelihood
 from .nets import MLPDecoder, MLPEncoder
 from .train import resolve_device
+from .vae import NamedSites
 
 
 class _LabelledEncoder(nn.Module):
@@ -64,7 +65,7 @@ class _LabelledEncoder(nn.Module):
         return self.out(F.softplus(self.image(x) + self.label(y_one_hot)))
 
 
-class SSVAE(PyroModule):
+class SSVAE(NamedSites, PyroModule):
     """M2: a VAE whose decoder is conditioned on a label, which is observed or inferred.
 
     :param config: image shape, likelihood, ``latent_dim``, ``hidden``, ``depth`` and
@@ -94,24 +95,9 @@ class SSVAE(PyroModule):
         self.likelihood = make_likelihood(config)
 
     @property
-    def data_site(self) -> str:
-        """Name of the plate over images."""
-        return f"{self.config.name}.data"
-
-    @property
     def y_site(self) -> str:
         """Name of the label site."""
         return f"{self.config.name}.y"
-
-    @property
-    def z_site(self) -> str:
-        """Name of the latent site."""
-        return f"{self.config.name}.z"
-
-    @property
-    def x_site(self) -> str:
-        """Name of the image site."""
-        return f"{self.config.name}.x"
 
     # ----------------------------------------------------------------- Pyro programs
     @pyro_method

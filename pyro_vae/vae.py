@@ -36,7 +36,29 @@ from .nets import (
 )
 
 
-class VAE(PyroModule):
+class NamedSites:
+    """Public site names, each prefixed by ``config.name`` so that two models can share one
+    Pyro program; shared by every model of the package that has these sites."""
+
+    config: VAEConfig
+
+    @property
+    def data_site(self) -> str:
+        """Name of the plate over images."""
+        return f"{self.config.name}.data"
+
+    @property
+    def z_site(self) -> str:
+        """Name of the latent sample site."""
+        return f"{self.config.name}.z"
+
+    @property
+    def x_site(self) -> str:
+        """Name of the observed image site."""
+        return f"{self.config.name}.x"
+
+
+class VAE(NamedSites, PyroModule):
     """A variational autoencoder whose ``model`` and ``guide`` are ordinary Pyro programs.
 
     :param config: the architecture; keyword arguments build one when it is omitted,
@@ -74,21 +96,6 @@ class VAE(PyroModule):
             )
         self.likelihood = make_likelihood(config)
         self._kl_weight = 1.0
-
-    @property
-    def data_site(self) -> str:
-        """Name of the plate over images."""
-        return f"{self.config.name}.data"
-
-    @property
-    def z_site(self) -> str:
-        """Name of the latent sample site."""
-        return f"{self.config.name}.z"
-
-    @property
-    def x_site(self) -> str:
-        """Name of the observed image site."""
-        return f"{self.config.name}.x"
 
     @contextlib.contextmanager
     def kl_weight(self, weight: float) -> Iterator[None]:
