@@ -164,14 +164,7 @@ class SSVAE(NamedSites, PyroModule):
             raise ValueError("with x=None and y=None the model needs batch_size")
         if y is not None and (y.dim() != 1 or y.shape[0] != batch):
             raise ValueError(f"y must hold one label per image ({batch}), got {tuple(y.shape)}")
-        size = batch if num_data is None else int(num_data)
-        if size < batch:
-            raise ValueError(f"num_data={size} is smaller than the batch of {batch} images")
-        subsample = None if size == batch else torch.arange(batch, device=device)
-        return pyro.plate(self.data_site, size, subsample=subsample, dim=-1, device=device)
-
-    def _a_parameter(self) -> torch.Tensor:
-        return next(self.decoder.parameters())
+        return self._data_plate(batch, device, num_data)
 
     def _one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y.long(), self.num_classes).to(like.dtype)

@@ -38,9 +38,24 @@ from .nets import (
 
 class NamedSites:
     """Public site names, each prefixed by ``config.name`` so that two models can share one
-    Pyro program; shared by every model of the package that has these sites."""
+    Pyro program, and the plate over images; shared by the package's image models."""
 
     config: VAEConfig
+    decoder: torch.nn.Module
+
+    def _data_plate(self, batch: int, device: torch.device, num_data: int | None) -> pyro.plate:
+        """The plate over ``batch`` images, a subsample of ``num_data`` when that is given."""
+        size = batch if num_data is None else int(num_data)
+        if size < batch:
+            raise ValueError(f"num_data={size} is smaller than the batch of {batch} images")
+        # An explicit subsample keeps the plate from drawing a random permutation of the
+        # whole data set on every step; the batch already is the subsample.
+        subsample = None if size == batch else torch.arange(batch, device=device)
+        return pyro.plate(self.data_site, size, subsample=subsample, dim=-1, device=device)
+
+    def _a_parameter(self) -> torch.Tensor:
+        """A parameter, whose device and dtype new tensors follow when there is no input."""
+        return next(self.decoder.parameters())
 
     @property
     def data_site(self) -> str:
@@ -162,21 +177,12 @@ class VAE(NamedSites, PyroModule):
             batch, device = x.shape[0], x.device
             if batch_size is not None and batch_size != batch:
                 raise ValueError(f"batch_size={batch_size} but x holds {batch} images")
-        size = batch if num_data is None else int(num_data)
-        if size < batch:
-            raise ValueError(f"num_data={size} is smaller than the batch of {batch} images")
-        # An explicit subsample keeps the plate from drawing a random permutation of the
-        # whole data set on every step; the batch already is the subsample.
-        subsample = None if size == batch else torch.arange(batch, device=device)
-        return pyro.plate(self.data_site, size, subsample=subsample, dim=-1, device=device)
+        return self._data_plate(batch, device, num_data)
 
     def _latent_scale(self) -> contextlib.AbstractContextManager:
         if self._kl_weight == 1.0:
             return contextlib.nullcontext()
         return poutine.scale(scale=self._kl_weight)
-
-    def _a_parameter(self) -> torch.Tensor:
-        return next(self.decoder.parameters())
 
     # ----------------------------------------------------------------- plain helpers
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
