@@ -204,6 +204,7 @@ def test_user_mistakes_are_one_line_errors(monkeypatch, capsys, tmp_path, mnist_
     assert_one_line_error(code, err, "multiples of 4")
 
 
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoint(
     monkeypatch, capsys, tmp_path, mnist_dir
 ):
