@@ -13,6 +13,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributions.utils import broadcast_all
 
 from .config import VAEConfig
 from .errors import DataError
@@ -40,13 +41,38 @@ class Likelihood(nn.Module):
             raise DataError("data contains NaN or infinite pixel values")
 
 
+class BernoulliImage(dist.Independent):
+    """``Bernoulli(logits=...).to_event(n)`` whose log-density is summed over each image's
+    pixels before it is negated.
+
+    The values are torch's; the saving is one full pass over the pixels, forward and
+    backward: torch negates the per-pixel cross-entropy, here only the per-image sums
+    are negated. On MNIST at batch 256 that is about half a millisecond of a training
+    step on the CPU (see ``docs/benchmarks.md``).
+    """
+
+    def __init__(self, logits: torch.Tensor, event_dims: int, validate_args: bool | None = None):
+        super().__init__(dist.Bernoulli(logits=logits), event_dims, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None) -> BernoulliImage:
+        new = self._get_checked_instance(BernoulliImage, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, value = broadcast_all(self.base_dist.logits, value)
+        pixels = F.binary_cross_entropy_with_logits(logits, value, reduction="none")
+        return -pixels.sum(tuple(range(-self.reinterpreted_batch_ndims, 0)))
+
+
 class BernoulliLikelihood(Likelihood):
     """Independent Bernoulli pixels with logits from the decoder; data must be 0 or 1."""
 
     preprocessing = "binarize"
 
     def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Bernoulli(logits=params).to_event(3)
+        return BernoulliImage(params, 3)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params)

@@ -28,6 +28,7 @@ from . import evaluate
 from .checkpoint import check_config, load_checkpoint, save_checkpoint
 from .data import LoaderBatches, TensorBatches, fixed_preprocess, preprocess
 from .errors import DataError, TrainingDivergedError
+from .vae import VAE
 
 ELBOS = {"trace": Trace_ELBO, "jit": JitTrace_ELBO, "meanfield": TraceMeanField_ELBO}
 
@@ -207,11 +208,14 @@ def fit(
     # store on each call (a message per tensor). fit optimizes vae.parameters() itself, so
     # it runs the bodies without that registration, which costs ~0.5 ms a step; only
     # JitTrace_ELBO needs it, since it compiles param-store parameters as graph inputs.
-    # Both are bound once: JitTrace_ELBO keys its compiled graph on their identity.
+    # The model's body also skips the mean image that model() returns and the ELBO
+    # ignores (unless a subclass overrides model). Both are bound once: JitTrace_ELBO
+    # keys its compiled graph on their identity.
     if elbo == "jit":
         model, guide = vae.model, vae.guide
     else:
-        model = functools.partial(type(vae).model.__wrapped__, vae)
+        body = type(vae)._model_body if type(vae).model is VAE.model else type(vae).model
+        model = functools.partial(getattr(body, "__wrapped__", body), vae)
         guide = functools.partial(type(vae).guide.__wrapped__, vae)
     warmup_steps = warmup * len(batches)
     anneal_steps = (epochs if temperature_anneal is None else temperature_anneal) * len(batches)

@@ -137,13 +137,24 @@ class VAE(NamedSites, PyroModule):
         """p(z) p(x | z). With ``x`` given it is observed; with ``x=None`` the model draws
         ``batch_size`` new images. Returns the decoder's mean image for each z.
         """
+        return self.likelihood.mean(self._model_body(x, num_data=num_data, batch_size=batch_size))
+
+    def _model_body(
+        self,
+        x: torch.Tensor | None = None,
+        *,
+        num_data: int | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """The sample statements of :meth:`model`; returns the decoder's raw output. The
+        ELBO ignores a model's return value, so ``fit`` runs this and skips the mean."""
         like = x if x is not None else self._a_parameter()
         with self._plate(x, num_data, batch_size) as index:
             with self._latent_scale():
                 z = pyro.sample(self.z_site, self.latent.prior(index.shape, like))
             params = self.decoder(z)
             pyro.sample(self.x_site, self.likelihood.distribution(params), obs=x)
-        return self.likelihood.mean(params)
+        return params
 
     @pyro_method
     def guide(

@@ -23,10 +23,31 @@ def params():
 
 def test_bernoulli_matches_torch(params):
     x = (torch.rand(5, *SHAPE) < 0.5).float()
-    ours = BernoulliLikelihood().distribution(params).log_prob(x)
-    ref = td.Bernoulli(logits=params).log_prob(x).sum((-3, -2, -1))
-    assert ours.shape == (5,)
+    params = torch.cat([params, torch.full((1, *SHAPE), 80.0), torch.full((1, *SHAPE), -80.0)])
+    x = torch.cat([x, torch.zeros(1, *SHAPE), torch.ones(1, *SHAPE)])
+    mine, theirs = params.clone().requires_grad_(), params.clone().requires_grad_()
+    ours = BernoulliLikelihood().distribution(mine).log_prob(x)
+    ref = td.Bernoulli(logits=theirs).log_prob(x).sum((-3, -2, -1))
+    assert ours.shape == (7,)
     torch.testing.assert_close(ours, ref)
+    # the gradient the decoder gets is torch's too, saturated logits included
+    ours.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+def test_bernoulli_image_broadcasts_expands_and_masks(params):
+    likelihood = BernoulliLikelihood()
+    x = (torch.rand(5, *SHAPE) < 0.5).float()
+    draws = torch.stack([params, -params, params / 2])  # (3, 5, ...): leading sample dims
+    ours = likelihood.distribution(draws).log_prob(x)
+    torch.testing.assert_close(ours, td.Bernoulli(logits=draws).log_prob(x).sum((-3, -2, -1)))
+    d = likelihood.distribution(params)
+    wide = d.expand((2, 5))
+    assert type(wide) is type(d) and wide.batch_shape == (2, 5)
+    torch.testing.assert_close(wide.log_prob(x), d.log_prob(x).expand(2, 5))
+    keep = torch.tensor([True, False, True, True, False])
+    torch.testing.assert_close(d.mask(keep).log_prob(x), d.log_prob(x) * keep)
 
 
 def test_continuous_bernoulli_matches_torch(params):
