@@ -14,7 +14,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,14 @@ class EpochRecord:
     kl_weight: float
     #: Concrete temperature at the end of the epoch (None: the latent has no temperature).
     temperature: float | None = None
+
+    def summary(self, epochs: int) -> str:
+        """One line for a log: epoch, losses and seconds."""
+        test = "" if self.test_elbo is None else f"  test ELBO {self.test_elbo:.2f}"
+        return (
+            f"epoch {self.epoch}/{epochs}  train loss {self.train_loss:.2f}{test}"
+            f"  ({self.seconds:.1f} s)"
+        )
 
 
 @dataclass
@@ -133,6 +141,7 @@ def fit(
     temperature_floor: float = 0.5,
     temperature_schedule: str = "exponential",
     temperature_anneal: float | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> History:
     """Train ``vae`` by SVI on ``train`` and return the per-epoch :class:`History`.
 
@@ -161,6 +170,8 @@ def fit(
         run continues the schedule where it stopped.
     :param temperature_anneal: epochs over which the temperature falls to the floor
         (default: all ``epochs``).
+    :param on_epoch: called with each epoch's :class:`EpochRecord` once its checkpoint is
+        written, e.g. to log when ``progress=False`` or to stop early by raising.
     :raises TrainingDivergedError: when the loss stops being finite; the bad step is
         not applied, and ``checkpoint`` keeps the last good epoch.
     """
@@ -283,9 +294,11 @@ def fit(
                     )
                 )
                 if progress:
-                    tqdm.write(_describe(history.epochs[-1], epochs))
+                    tqdm.write(history.epochs[-1].summary(epochs))
                 run.next_epoch()
                 save()
+                if on_epoch is not None:
+                    on_epoch(history.epochs[-1])
         except KeyboardInterrupt:
             run.seconds += time.perf_counter() - start
             save()
@@ -340,14 +353,6 @@ class _Progress:
     def next_epoch(self) -> None:
         self.epoch += 1
         self.batch, self.loss_sum, self.images, self.seconds = 0, 0.0, 0, 0.0
-
-
-def _describe(record: EpochRecord, epochs: int) -> str:
-    test = "" if record.test_elbo is None else f"  test ELBO {record.test_elbo:.2f}"
-    return (
-        f"epoch {record.epoch}/{epochs}  train loss {record.train_loss:.2f}{test}"
-        f"  ({record.seconds:.1f} s)"
-    )
 
 
 def _check_shape(vae, shape: tuple[int, ...], what: str) -> None:

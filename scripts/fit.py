@@ -72,7 +72,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--limit", type=int, help="train on the first N images only")
     train.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (a line per epoch instead)"
+    )
     add_data_args(p)
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, help="run folder (default runs/<likelihood>-<arch>)")
@@ -131,6 +133,10 @@ def main(args: argparse.Namespace) -> None:
             temperature_floor=args.temperature_floor,
             temperature_schedule=args.temperature_schedule,
             temperature_anneal=args.temperature_anneal,
+            # without bars, a line per epoch still shows that a long run is alive
+            on_epoch=(lambda record: print(record.summary(args.epochs), flush=True))
+            if args.no_progress
+            else None,
         )
     except KeyboardInterrupt:
         print(

@@ -75,6 +75,9 @@ def test_fit_script_runs_as_a_command(tmp_path, mnist_dir):
     assert result.returncode == 0, result.stderr
     metrics = check_run_folder(out, 2)
     assert "test_bits_per_dim_bound" not in metrics, "binary data has no bits/dim"
+    # --no-progress drops the bars but still logs each epoch
+    logged = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in logged] == ["1/2", "2/2"], result.stdout
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])

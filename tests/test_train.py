@@ -8,6 +8,7 @@ import pyro
 import pytest
 import torch
 from PIL import Image
+from pyro.nn import pyro_method
 
 from pyro_vae import VAE, TrainingDivergedError, fit, load_checkpoint
 from pyro_vae.data import ImageFolder
@@ -75,6 +76,29 @@ def test_two_vaes_with_the_same_name_both_learn_and_leave_the_param_store_alone(
     untrained = elbo(VAE(**SMALL), test.float().div(255).bernoulli()).mean()
     for vae in (first, second):
         assert elbo(vae, test.float().div(255).bernoulli()).mean() > untrained + 50
+
+
+def test_fit_runs_a_subclass_model_and_reports_each_epoch(digits):
+    calls = []
+
+    class Watched(VAE):
+        @pyro_method
+        def model(self, x=None, **kwargs):
+            calls.append(x.shape[0])
+            return super().model(x, **kwargs)
+
+    seen = []
+    fit(
+        Watched(**SMALL),
+        digits[0][:64],
+        epochs=2,
+        batch_size=32,
+        progress=False,
+        on_epoch=seen.append,
+    )
+    assert calls.count(32) >= 4, "fit must train the subclass's model, not the base body"
+    assert [record.epoch for record in seen] == [1, 2]
+    assert seen[-1].summary(2).startswith("epoch 2/2  train loss ")
 
 
 def test_kl_warmup_ramps_linearly_and_is_recorded(digits):
