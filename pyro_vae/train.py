@@ -161,7 +161,8 @@ def fit(
     :param seed: seeds Pyro/torch and the shuffling, so a run is reproducible.
     :param checkpoint: file to write after every epoch, on Ctrl-C, and to resume from.
     :param resume: continue from ``checkpoint`` if it exists (weights, optimizer,
-        progress, history, RNG states); its config must match ``vae.config``.
+        progress, history, RNG states); its config must match ``vae.config``. The run
+        goes on at ``lr``, which may differ from the rate it was started with.
     :param temperature: relaxed-categorical latents: the Concrete temperature at the
         start of training (ignored by latents without one).
     :param temperature_floor: the temperature at the end of the annealing, and after it.
@@ -200,7 +201,7 @@ def fit(
     run = _Progress()
     history = History()
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        history, run = _restore(vae, optimizer, checkpoint, device)
+        history, run = _restore(vae, optimizer, checkpoint, device, lr)
 
     def save(**extra) -> None:
         if checkpoint is not None:
@@ -396,12 +397,16 @@ def _rng_state() -> dict:
     return state
 
 
-def _restore(vae, optimizer, checkpoint, device) -> tuple[History, _Progress]:
+def _restore(vae, optimizer, checkpoint, device, lr: float) -> tuple[History, _Progress]:
     state = load_checkpoint(checkpoint, map_location=device)
     check_config(state["config"], vae.config, checkpoint)
     vae.load_state_dict(state["model"])
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
+        # Adam's moments carry over, but the rate is the one asked for now (the saved one
+        # would silently override it): a run can go on at a lower rate, a step decay
+        for group in optimizer.param_groups:
+            group["lr"] = lr
     rng = state.get("rng", {})
     if "torch" in rng:
         torch.set_rng_state(rng["torch"].cpu())

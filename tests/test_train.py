@@ -172,6 +172,19 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(digits, tmp_path):
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-6)
 
 
+def test_resume_goes_on_at_the_learning_rate_asked_for(digits, tmp_path):
+    path = tmp_path / "c.pt"
+    fit(VAE(**SMALL), digits[0][:64], epochs=1, batch_size=32, checkpoint=path, progress=False)
+    first = load_checkpoint(path)["optimizer"]
+    assert first["param_groups"][0]["lr"] == 1e-3
+    fit(VAE(**SMALL), digits[0][:64], epochs=2, batch_size=32, lr=2.5e-4, checkpoint=path,
+        resume=True, progress=False)  # fmt: skip
+    second = load_checkpoint(path)["optimizer"]
+    assert {group["lr"] for group in second["param_groups"]} == {2.5e-4}
+    # Adam's moments were carried over, not restarted: its step counts went on from 2
+    assert {int(s["step"]) for s in second["state"].values()} == {4}
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(digits, tmp_path):
     path = tmp_path / "c.pt"
     fit(VAE(**SMALL), digits[0][:64], epochs=1, batch_size=32, checkpoint=path, progress=False)
