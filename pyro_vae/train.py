@@ -50,6 +50,8 @@ class EpochRecord:
     kl_weight: float
     #: Concrete temperature at the end of the epoch (None: the latent has no temperature).
     temperature: float | None = None
+    #: Adam's learning rate in the epoch (a run resumed at another rate changes it).
+    lr: float | None = None
 
     def summary(self, epochs: int) -> str:
         """One line for a log: epoch, losses and seconds."""
@@ -292,6 +294,7 @@ def fit(
                         seconds=run.seconds,
                         kl_weight=kl_weight_at(run.step - 1, beta, warmup_steps),
                         temperature=temperature_after(run.step) if anneals else None,
+                        lr=lr,
                     )
                 )
                 if progress:

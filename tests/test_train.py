@@ -179,8 +179,10 @@ def test_resume_goes_on_at_the_learning_rate_asked_for(digits, tmp_path):
     assert first["param_groups"][0]["lr"] == 1e-3
     fit(VAE(**SMALL), digits[0][:64], epochs=2, batch_size=32, lr=2.5e-4, checkpoint=path,
         resume=True, progress=False)  # fmt: skip
-    second = load_checkpoint(path)["optimizer"]
+    state = load_checkpoint(path)
+    second = state["optimizer"]
     assert {group["lr"] for group in second["param_groups"]} == {2.5e-4}
+    assert [row["lr"] for row in state["history"]] == [1e-3, 2.5e-4]
     # Adam's moments were carried over, not restarted: its step counts went on from 2
     assert {int(s["step"]) for s in second["state"].values()} == {4}
 
