@@ -35,24 +35,28 @@ from pyro_vae.train import resolve_device
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def plain_loss(vae: VAE, x: torch.Tensor, num_data: int) -> torch.Tensor:
+    """The negative single-sample ELBO of a batch, written by hand as a PyTorch user would:
+    the same nets and formulas as the package's model and guide, scaled to the data set."""
+    loc, raw_scale = vae.encoder(x).split(vae.config.latent_dim, dim=-1)
+    scale = F.softplus(raw_scale) + MIN_SCALE
+    eps = torch.randn_like(loc)
+    z = loc + scale * eps
+    log_lik = -F.binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
+    log_prior = (-0.5 * z**2 - HALF_LOG_2PI).sum()
+    log_q = (-0.5 * eps**2 - scale.log() - HALF_LOG_2PI).sum()
+    return -(log_lik + log_prior - log_q) * (num_data / x.shape[0])
+
+
 def plain_epoch(vae: VAE, optimizer, batches: TensorBatches, epoch: int) -> float:
-    """One epoch written as a PyTorch user would: the same nets, loss formulas by hand."""
+    """One epoch of the plain loop: :func:`plain_loss`, backward, Adam."""
     start = time.perf_counter()
-    n = batches.num_data
     for images in batches.epoch(epoch):
-        x = preprocess(images, "binarize")
-        loc, raw_scale = vae.encoder(x).split(vae.config.latent_dim, dim=-1)
-        scale = F.softplus(raw_scale) + MIN_SCALE
-        eps = torch.randn_like(loc)
-        z = loc + scale * eps
-        log_lik = -F.binary_cross_entropy_with_logits(vae.decoder(z), x, reduction="sum")
-        log_prior = (-0.5 * z**2 - HALF_LOG_2PI).sum()
-        log_q = (-0.5 * eps**2 - scale.log() - HALF_LOG_2PI).sum()
-        loss = -(log_lik + log_prior - log_q) * (n / x.shape[0])
+        loss = plain_loss(vae, preprocess(images, "binarize"), batches.num_data)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    _sync(loc)
+    _sync(loss)
     return time.perf_counter() - start
 
 
