@@ -106,17 +106,19 @@ class GaussianLikelihood(Likelihood):
 
     A learned sigma (one shared value, or one per pixel) is bounded below by
     ``floor``: ``sigma = floor + softplus(raw)``, never zero, so the density stays finite.
+    ``image_shape`` is the event shape: an image ``(C, H, W)``, or ``(D,)`` for vectors.
     """
 
     def __init__(
         self,
-        image_shape: tuple[int, int, int],
+        image_shape: tuple[int, ...],
         sigma: str = "shared",
         init: float = 0.1,
         floor: float = 1e-3,
     ):
         super().__init__()
         self.floor = floor
+        self.event_dims = len(image_shape)
         if sigma == "fixed":
             self.register_buffer("raw_sigma", torch.tensor(_inverse_softplus(init - floor)))
         else:
@@ -130,7 +132,7 @@ class GaussianLikelihood(Likelihood):
         return self.floor + F.softplus(self.raw_sigma)
 
     def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Normal(params, self.sigma.to(params.dtype)).to_event(3)
+        return dist.Normal(params, self.sigma.to(params.dtype)).to_event(self.event_dims)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return params

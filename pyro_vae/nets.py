@@ -45,18 +45,19 @@ def _shape(features: int | tuple[int, ...]) -> tuple[int, ...]:
 class MLPEncoder(_LeadingDims):
     """(…, C, H, W) image -> (…, out_features) through ``depth`` Softplus hidden layers
     (one, as in Pyro's VAE example, by default). A tuple ``out_features`` gives outputs of
-    that shape, e.g. ``(groups, classes)`` logits of discrete codes."""
+    that shape, e.g. ``(groups, classes)`` logits of discrete codes. ``image_shape`` may
+    have any number of dimensions: ``(D,)`` reads vectors, such as another VAE's codes."""
 
     def __init__(
         self,
-        image_shape: tuple[int, int, int],
+        image_shape: tuple[int, ...],
         hidden: int,
         out_features: int | tuple[int, ...],
         depth: int = 1,
     ):
         super().__init__()
-        self.event_dims = 3
-        pixels = image_shape[0] * image_shape[1] * image_shape[2]
+        self.event_dims = len(image_shape)
+        pixels = math.prod(image_shape)
         out = _shape(out_features)
         self.net = nn.Sequential(
             nn.Flatten(), *_mlp([pixels, *[hidden] * depth, math.prod(out)]), nn.Unflatten(1, out)
@@ -65,19 +66,20 @@ class MLPEncoder(_LeadingDims):
 
 class MLPDecoder(_LeadingDims):
     """(…, in_features) code -> (…, C, H, W) raw pixel parameters. A tuple ``in_features``
-    takes codes of that shape, e.g. ``(groups, classes)`` one-hot codes."""
+    takes codes of that shape, e.g. ``(groups, classes)`` one-hot codes; ``image_shape``
+    may have any number of dimensions, as for :class:`MLPEncoder`."""
 
     def __init__(
         self,
         in_features: int | tuple[int, ...],
         hidden: int,
-        image_shape: tuple[int, int, int],
+        image_shape: tuple[int, ...],
         depth: int = 1,
     ):
         super().__init__()
         shape = _shape(in_features)
         self.event_dims = len(shape)
-        pixels = image_shape[0] * image_shape[1] * image_shape[2]
+        pixels = math.prod(image_shape)
         # a flat code keeps the layer indices (and checkpoint keys) of a plain MLP
         flatten = [nn.Flatten()] if len(shape) > 1 else []
         self.net = nn.Sequential(
