@@ -18,12 +18,29 @@ with ``alpha = aux_weight * N``.
 The networks are :mod:`pyro_vae.nets` MLPs, the observation model a
 :mod:`pyro_vae.likelihoods` likelihood, and the latent family
 :class:`~pyro_vae.latents.GaussianLatent`, so nothing here is specific to MNIST.
+
+Stacked on a fitted :class:`~pyro_vae.VAE` (``base``), this is Kingma et al.'s M1 + M2:
+M2 explains the base VAE's latent code instead of the pixels, and the base decoder
+turns the code into the image::
+
+    y_n ~ Categorical, z_n ~ N(0, I)            # "<name>.y", "<name>.z"
+    c_n ~ N(decoder(z_n, one_hot(y_n)), sigma)  # the base's latent site "<base>.z"
+    x_n ~ p(x | base decoder(c_n))              # the base's image site "<base>.x"
+
+with the guide ``c_n ~ q_base(c | x_n)``, then ``q(y | c_n)`` and ``q(z | c_n, y_n)``.
+The base is trained first and stays fixed, so its encoder and decoder add constants to
+the ELBO's gradient and M2 is, in effect, fitted to draws of the codes. Codes separate
+the digits far better than pixels do, which is what lifts the classifier. M2 may model
+only some code dimensions (:func:`active_code_dims`): the others keep the base's N(0, 1)
+prior, and a base VAE's inactive dimensions are exactly that, noise whatever the image.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,11 +56,12 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import VAEConfig
 from .data import TensorBatches, fixed_preprocess, preprocess
 from .errors import CheckpointError, DataError, TrainingDivergedError
+from .evaluate import ACTIVE_THRESHOLD, prepare_held_out, unit_activity
 from .latents import GaussianLatent
-from .likelihoods import make_likelihood
+from .likelihoods import GaussianLikelihood, Likelihood, make_likelihood
 from .nets import MLPDecoder, MLPEncoder
 from .train import resolve_device
-from .vae import NamedSites
+from .vae import VAE, NamedSites
 
 
 class _LabelledEncoder(nn.Module):
@@ -55,9 +73,11 @@ class _LabelledEncoder(nn.Module):
     features be computed once and broadcast over all enumerated labels.
     """
 
-    def __init__(self, config: VAEConfig, num_classes: int, out_features: int):
+    def __init__(
+        self, config: VAEConfig, data_shape: tuple[int, ...], num_classes: int, out_features: int
+    ):
         super().__init__()
-        self.image = MLPEncoder(config.image_shape, config.hidden, config.hidden, config.depth)
+        self.image = MLPEncoder(data_shape, config.hidden, config.hidden, config.depth)
         self.label = nn.Linear(num_classes, config.hidden, bias=False)
         self.out = nn.Linear(config.hidden, out_features)
 
@@ -72,9 +92,24 @@ class SSVAE(NamedSites, PyroModule):
         ``name`` (the prefix of site and parameter names) as for :class:`~pyro_vae.VAE`;
         only the MLP architecture and the Gaussian latent are supported.
     :param num_classes: how many values the label y takes.
+    :param base: a fitted VAE with a Gaussian latent to stack M2 on (M1 + M2, see the
+        module docstring). M2 then models the base's codes: ``config.likelihood`` must be
+        "gaussian" (its sigma is that of the codes, and "pixel" learns one per code
+        dimension) and ``config.image_shape`` that of the base. The SSVAE keeps its own
+        frozen copy of the base (``requires_grad=False``, eval mode), saved with its
+        weights; the VAE passed in is left as it is.
+    :param code_dims: with ``base``, the code dimensions that M2 models (all by default);
+        the others keep the base's N(0, 1) prior. :func:`active_code_dims` picks them.
     """
 
-    def __init__(self, config: VAEConfig | None = None, num_classes: int = 10, **kwargs):
+    def __init__(
+        self,
+        config: VAEConfig | None = None,
+        num_classes: int = 10,
+        base: VAE | None = None,
+        code_dims: Sequence[int] | None = None,
+        **kwargs,
+    ):
         if config is None:
             config = VAEConfig(**{"name": "ssvae", **kwargs})
         elif kwargs:
@@ -83,16 +118,58 @@ class SSVAE(NamedSites, PyroModule):
             raise ValueError("SSVAE supports arch 'mlp' with the 'gaussian' latent only")
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if base is None:
+            if code_dims is not None:
+                raise ValueError("code_dims selects codes of a base VAE; pass base too")
+            data_shape = config.image_shape
+        else:
+            _check_base(config, base)
+            code_dims = _check_code_dims(code_dims, base.config.latent_dim)
+            data_shape = (len(code_dims),)
         super().__init__(name=config.name)
         self.config = config
         self.num_classes = int(num_classes)
+        #: a frozen copy of the base VAE, in eval mode for good (see train()), or None.
+        self.base = None if base is None else copy.deepcopy(base).requires_grad_(False).eval()
+        #: the base code dimensions that M2 models (None without a base).
+        self.code_dims = code_dims
+        if base is not None:
+            self.register_buffer("_code_index", torch.tensor(code_dims), persistent=False)
         self.latent = GaussianLatent(config.latent_dim)
-        self.classifier = MLPEncoder(config.image_shape, config.hidden, num_classes, config.depth)
-        self.encoder = _LabelledEncoder(config, num_classes, self.latent.encoder_features)
-        self.decoder = MLPDecoder(
-            config.latent_dim + num_classes, config.hidden, config.image_shape, config.depth
+        self.classifier = MLPEncoder(data_shape, config.hidden, num_classes, config.depth)
+        self.encoder = _LabelledEncoder(
+            config, data_shape, num_classes, self.latent.encoder_features
         )
-        self.likelihood = make_likelihood(config)
+        self.decoder = MLPDecoder(
+            config.latent_dim + num_classes, config.hidden, data_shape, config.depth
+        )
+        #: the distribution of what M2 generates: the images, or the base's codes.
+        self.likelihood: Likelihood = (
+            make_likelihood(config)
+            if base is None
+            else GaussianLikelihood(
+                data_shape, config.gaussian_sigma, config.sigma_init, config.sigma_floor
+            )
+        )
+
+    def train(self, mode: bool = True) -> SSVAE:
+        """As :meth:`torch.nn.Module.train`, but a base VAE stays in eval mode: it is
+        frozen, and Pyro would warn on every step that its weights are not trained."""
+        super().train(mode)
+        if self.base is not None:
+            self.base.eval()
+        return self
+
+    @property
+    def image_likelihood(self) -> Likelihood:
+        """p(x | ·) of the images: M2's own likelihood, or the base VAE's when stacked.
+        Its ``preprocessing`` says how 8-bit training images are made into data."""
+        return self.likelihood if self.base is None else self.base.likelihood
+
+    @property
+    def x_site(self) -> str:
+        """Name of the observed image site (the base VAE's, when stacked)."""
+        return super().x_site if self.base is None else self.base.x_site
 
     @property
     def y_site(self) -> str:
@@ -118,8 +195,13 @@ class SSVAE(NamedSites, PyroModule):
             y = pyro.sample(self.y_site, prior_y.expand(index.shape), obs=y)
             z = pyro.sample(self.z_site, self.latent.prior(index.shape, like))
             params = self.decoder(_join(z, self._one_hot(y, like)))
-            pyro.sample(self.x_site, self.likelihood.distribution(params), obs=x)
-        return self.likelihood.mean(params)
+            if self.base is None:
+                pyro.sample(self.x_site, self.likelihood.distribution(params), obs=x)
+                return self.likelihood.mean(params)
+            code = pyro.sample(self.base.z_site, self._code_distribution(params))
+            params = self.base.decoder(code)
+            pyro.sample(self.x_site, self.base.likelihood.distribution(params), obs=x)
+        return self.base.likelihood.mean(params)
 
     @pyro_method
     def guide(
@@ -131,10 +213,14 @@ class SSVAE(NamedSites, PyroModule):
         batch_size: int | None = None,
     ) -> torch.Tensor:
         """q(y | x) q(z | x, y); y is enumerated over all classes where it is not observed.
-        Returns the sampled z."""
+        Stacked on a base VAE, x is first encoded to a code ``c ~ q_base(c | x)``, and the
+        label and z are inferred from c. Returns the sampled z."""
         if x is None:
             raise ValueError("the guide encodes observed images, so it needs x")
         with self._plate(x, y, num_data, batch_size):
+            if self.base is not None:
+                code = pyro.sample(self.base.z_site, self.base.posterior(x))
+                x = code.index_select(-1, self._code_index)
             if y is None:
                 y = pyro.sample(
                     self.y_site,
@@ -166,18 +252,37 @@ class SSVAE(NamedSites, PyroModule):
             raise ValueError(f"y must hold one label per image ({batch}), got {tuple(y.shape)}")
         return self._data_plate(batch, device, num_data)
 
+    def _code_distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
+        """p(c | y, z) over the base's whole code: M2's Gaussian, with mean ``params``, on
+        the modelled dimensions, and the base's N(0, 1) prior on the others."""
+        index, size = self._code_index, self.base.config.latent_dim
+        loc = params.new_zeros((*params.shape[:-1], size)).index_copy(-1, index, params)
+        sigma = self.likelihood.sigma.to(params.dtype).expand(index.shape)
+        scale = params.new_ones(size).index_copy(0, index, sigma)
+        return dist.Normal(loc, scale).to_event(1)
+
     def _one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y.long(), self.num_classes).to(like.dtype)
 
     # ----------------------------------------------------------------- plain helpers
+    def _classifier_input(self, x: torch.Tensor, sample: bool) -> torch.Tensor:
+        """What q(y | ·) reads: the images, or when stacked their base codes, drawn from
+        q_base(c | x) in training (as the guide does) or its mean to classify."""
+        if self.base is None:
+            return x
+        posterior = self.base.posterior(x)
+        code = posterior.rsample() if sample else posterior.mean
+        return code.index_select(-1, self._code_index)
+
     def classification_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy ``-sum log q(y | x)`` of a labelled batch."""
-        return F.cross_entropy(self.classifier(x), y, reduction="sum")
+        """Summed cross-entropy ``-sum log q(y | x)`` of a labelled batch (a one-draw
+        estimate of its expectation over the codes, when stacked)."""
+        return F.cross_entropy(self.classifier(self._classifier_input(x, True)), y, reduction="sum")
 
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """The most probable label under q(y | x) for each image."""
-        return self.classifier(x).argmax(-1)
+        return self.classifier(self._classifier_input(x, False)).argmax(-1)
 
     @torch.no_grad()
     def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
@@ -187,6 +292,50 @@ class SSVAE(NamedSites, PyroModule):
             for i in range(0, x.shape[0], batch_size)
         )
         return hits / x.shape[0]
+
+
+def _check_base(config: VAEConfig, base: VAE) -> None:
+    """Raise ValueError unless an M2 with ``config`` can be stacked on ``base``."""
+    if not isinstance(base, VAE) or base.config.latent != "gaussian":
+        raise ValueError("base must be a pyro_vae.VAE with the 'gaussian' latent")
+    if config.likelihood != "gaussian":
+        raise ValueError(
+            "stacked on a base VAE, M2 models its continuous codes, so the likelihood "
+            f"must be 'gaussian', got {config.likelihood!r}"
+        )
+    if config.image_shape != base.config.image_shape:
+        raise ValueError(
+            f"image_shape {config.image_shape} differs from the base VAE's "
+            f"{base.config.image_shape}"
+        )
+    if config.name == base.config.name:
+        raise ValueError(f"the SSVAE and its base VAE share the name {config.name!r}")
+
+
+def _check_code_dims(code_dims: Sequence[int] | None, size: int) -> list[int]:
+    """``code_dims`` as a sorted list of distinct dimensions of a code of ``size``."""
+    if code_dims is None:
+        return list(range(size))
+    dims = sorted({int(d) for d in code_dims})
+    if not dims or len(dims) != len(code_dims) or dims[0] < 0 or dims[-1] >= size:
+        raise ValueError(
+            f"code_dims must be distinct dimensions in 0..{size - 1}, got {list(code_dims)}"
+        )
+    return dims
+
+
+def active_code_dims(
+    vae: VAE, images: torch.Tensor, threshold: float = ACTIVE_THRESHOLD
+) -> list[int]:
+    """The code dimensions of a fitted VAE that carry information about ``images``:
+    those whose posterior mean varies over them by more than ``threshold`` (the active
+    units of Burda et al.). The others stay at the prior whatever the image, so an M2
+    stacked on them would only learn to ignore noise."""
+    x, _ = prepare_held_out(vae, images)
+    dims = (unit_activity(vae, x) > threshold).nonzero().flatten().tolist()
+    if not dims:
+        raise DataError("no code dimension of this VAE is active: it has collapsed to its prior")
+    return dims
 
 
 def _join(z: torch.Tensor, y_one_hot: torch.Tensor) -> torch.Tensor:
@@ -265,11 +414,11 @@ def fit_ssvae(
         raise ValueError("need epochs >= 0, batch_size >= 1, lr > 0, aux_weight >= 0")
     for images in (labelled, unlabelled):
         if images.is_floating_point():  # uint8 images are made valid data by preprocess()
-            ssvae.likelihood.check_data(images)
+            ssvae.image_likelihood.check_data(images)
     device = resolve_device(device)
     ssvae.to(device).train()
     pyro.set_rng_seed(seed)
-    how = ssvae.likelihood.preprocessing
+    how = ssvae.image_likelihood.preprocessing
     batches = TensorBatches(unlabelled, batch_size, device, seed)
     labelled, labels = labelled.to(device), labels.to(device)
     num_labelled, num_data = labelled.shape[0], unlabelled.shape[0] + labelled.shape[0]
@@ -279,7 +428,8 @@ def fit_ssvae(
         test_x, test_y = fixed_preprocess(test[0].to(device), how), test[1].to(device)
     # the labelled ELBO has nothing to enumerate, so plain Trace_ELBO scores it
     unlabelled_elbo, labelled_elbo = TraceEnum_ELBO(max_plate_nesting=1), Trace_ELBO()
-    optimizer = torch.optim.Adam(ssvae.parameters(), lr=lr)
+    # a base VAE's weights are frozen: M2 alone is trained
+    optimizer = torch.optim.Adam([p for p in ssvae.parameters() if p.requires_grad], lr=lr)
     history: list[SSVAEEpoch] = []
     with pyro.get_param_store().scope():
         for epoch in range(epochs):
@@ -317,6 +467,8 @@ def fit_ssvae(
                     checkpoint,
                     ssvae,
                     num_classes=ssvae.num_classes,
+                    base_config=None if ssvae.base is None else ssvae.base.config.to_dict(),
+                    code_dims=ssvae.code_dims,
                     history=[asdict(record) for record in history],
                 )
             if on_epoch is not None:
@@ -330,7 +482,17 @@ def load_ssvae(path: str | Path, map_location: str | torch.device = "cpu") -> SS
     state = load_checkpoint(path, map_location)
     if "num_classes" not in state:
         raise CheckpointError(f"{path} holds a plain VAE, not an SSVAE; use load_vae")
-    ssvae = SSVAE(state["config"], num_classes=int(state["num_classes"]))
+    base = state.get("base_config")
+    try:
+        base = None if base is None else VAE(VAEConfig.from_dict(base))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} holds an invalid base VAE config: {error}") from None
+    ssvae = SSVAE(
+        state["config"],
+        num_classes=int(state["num_classes"]),
+        base=base,
+        code_dims=state.get("code_dims"),
+    )
     try:
         ssvae.load_state_dict(state["model"])
     except RuntimeError as error:

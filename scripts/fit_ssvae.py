@@ -2,6 +2,11 @@
 """Fit the M2 semi-supervised VAE on MNIST with a few labels and report its test accuracy.
 
 python scripts/fit_ssvae.py --labels-per-class 10 --epochs 40 --out runs/ssvae
+
+With ``--base`` a VAE fitted by scripts/fit.py (M1) encodes the images, and M2 is
+trained on its codes (Kingma et al.'s M1 + M2):
+
+python scripts/fit_ssvae.py --base runs/mnist/checkpoint.pt --out runs/m1m2
 """
 
 from __future__ import annotations
@@ -11,16 +16,17 @@ import csv
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from _cli import run_main
 
+from pyro_vae import load_vae
 from pyro_vae.config import LIKELIHOODS, VAEConfig
 from pyro_vae.data import load_mnist
 from pyro_vae.errors import CheckpointError
-from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae
+from pyro_vae.ssvae import SSVAE, active_code_dims, balanced_labels, fit_ssvae
 from pyro_vae.train import resolve_device
 
 
@@ -28,7 +34,22 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fit_ssvae.py", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, help="folder holding MNIST/raw/")
     p.add_argument("--labels-per-class", type=int, default=10, help="labelled images per digit")
-    p.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli")
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="checkpoint of a fitted VAE with a Gaussian latent; M2 is stacked on its codes",
+    )
+    p.add_argument(
+        "--all-codes",
+        action="store_true",
+        help="with --base, model every code dimension, not only the active ones",
+    )
+    p.add_argument(
+        "--likelihood",
+        choices=LIKELIHOODS,
+        help="p(x | y, z); bernoulli by default. With --base M2 models the base's codes, "
+        "and only gaussian applies (one learned sigma per code dimension)",
+    )
     p.add_argument("--latent-dim", type=int, default=50)
     p.add_argument("--hidden", type=int, default=500)
     p.add_argument("--depth", type=int, default=1)
@@ -58,6 +79,11 @@ def main(args: argparse.Namespace) -> None:
     checkpoint = args.out / "checkpoint.pt"
     if checkpoint.exists():
         raise CheckpointError(f"{args.out} already holds a run; choose another --out")
+    base = None
+    if args.base is not None:
+        if args.likelihood not in (None, "gaussian"):
+            raise ValueError("with --base, M2 models continuous codes: --likelihood gaussian")
+        base = load_vae(args.base)
     device = resolve_device(args.device)
     train = load_mnist(args.data_dir, "train").head(args.limit)
     test = load_mnist(args.data_dir, "test").head(args.test_limit)
@@ -65,12 +91,19 @@ def main(args: argparse.Namespace) -> None:
     unlabelled = torch.ones(len(train), dtype=torch.bool)
     unlabelled[chosen] = False
     config = VAEConfig(
-        likelihood=args.likelihood,
+        likelihood=args.likelihood or "bernoulli",
         latent_dim=args.latent_dim,
         hidden=args.hidden,
         depth=args.depth,
         name="ssvae",
     )
+    code_dims = None
+    if base is not None:  # codes of about unit scale, with a sigma learned per dimension
+        config = replace(config, likelihood="gaussian", gaussian_sigma="pixel", sigma_init=0.5)
+        if not args.all_codes:
+            code_dims = active_code_dims(base, train.images)
+        modelled = base.config.latent_dim if code_dims is None else len(code_dims)
+        print(f"M2 models {modelled} of the base's {base.config.latent_dim} code dimensions")
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / "config.json").write_text(
@@ -94,7 +127,7 @@ def main(args: argparse.Namespace) -> None:
     interrupted = False
     try:
         fit_ssvae(
-            SSVAE(config),
+            SSVAE(config, base=base, code_dims=code_dims),
             train.images[chosen],
             train.labels[chosen],
             train.images[unlabelled],
@@ -122,6 +155,8 @@ def main(args: argparse.Namespace) -> None:
         "labelled_images": int(chosen.numel()),
         "unlabelled_images": int(unlabelled.sum()),
         "test_images": len(test),
+        "base": None if args.base is None else str(args.base),
+        "code_dims": code_dims,
         "epochs": len(rows),
         "interrupted": interrupted,
         "wall_seconds": time.perf_counter() - start,

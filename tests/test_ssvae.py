@@ -14,12 +14,28 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
 from pyro_vae import VAE, CheckpointError, DataError, save_checkpoint
-from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae, load_ssvae
+from pyro_vae.ssvae import SSVAE, active_code_dims, balanced_labels, fit_ssvae, load_ssvae
 from tests.helpers import run_script
 
 
 def tiny(num_classes: int = 3) -> SSVAE:
     return SSVAE(image_shape=(1, 4, 4), latent_dim=2, hidden=8, num_classes=num_classes)
+
+
+def tiny_stacked(num_classes: int = 3, code_dims: list[int] | None = None) -> SSVAE:
+    """M1 + M2: a tiny M2 on (some of) the codes of a tiny base VAE."""
+    base = VAE(image_shape=(1, 4, 4), latent_dim=3, hidden=8)
+    return SSVAE(
+        image_shape=(1, 4, 4),
+        latent_dim=2,
+        hidden=8,
+        likelihood="gaussian",
+        gaussian_sigma="pixel",
+        sigma_init=0.5,
+        num_classes=num_classes,
+        base=base,
+        code_dims=code_dims,
+    )
 
 
 def test_enumerated_elbo_is_the_label_average_plus_entropy():
@@ -69,6 +85,78 @@ def test_generation_conditions_on_the_given_labels():
         ssvae.model(torch.zeros(3, 1, 4, 4), torch.tensor([0, 1]))
 
 
+def test_stacked_model_explains_the_base_code_and_the_base_decoder_the_image():
+    """M1 + M2: the guide draws the code from the base encoder; the model scores that code
+    under M2's Gaussian given (y, z) on the modelled dimensions (0 and 2 here) and under
+    N(0, 1) on the rest, and the image under the base decoder given the code."""
+    pyro.set_rng_seed(1)
+    ssvae = tiny_stacked(code_dims=[2, 0])
+    base = ssvae.base
+    x, y = (torch.rand(4, 1, 4, 4) < 0.5).float(), torch.tensor([0, 2, 1, 1])
+    guide_trace = poutine.trace(ssvae.guide).get_trace(x, y)
+    code = guide_trace.nodes[base.z_site]["value"]
+    assert code.shape == (4, 3)
+    assert torch.allclose(guide_trace.nodes[base.z_site]["fn"].mean, base.encode(x))
+    model_trace = poutine.trace(poutine.replay(ssvae.model, trace=guide_trace)).get_trace(x, y)
+    model_trace.compute_log_prob()
+    z = model_trace.nodes[ssvae.z_site]["value"]
+    mean = ssvae.decoder(torch.cat([z, torch.eye(3)[y]], -1))
+    assert ssvae.code_dims == [0, 2] and mean.shape == (4, 2)
+    sigma = ssvae.likelihood.sigma
+    normal = torch.distributions.Normal
+    expected_code = normal(mean, sigma).log_prob(code[:, [0, 2]]).sum(-1)
+    expected_code += normal(0.0, 1.0).log_prob(code[:, 1])
+    assert torch.allclose(model_trace.nodes[base.z_site]["log_prob"], expected_code)
+    image = model_trace.nodes[ssvae.x_site]
+    assert ssvae.x_site == base.x_site and image["is_observed"]
+    expected_image = base.likelihood.distribution(base.decoder(code)).log_prob(x)
+    assert torch.allclose(image["log_prob"], expected_image)
+    # with y unobserved the guide's classifier reads the drawn code, and y is enumerated
+    enumerated = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        ssvae.model, ssvae.guide, x
+    )
+    assert torch.isfinite(enumerated)
+    assert ssvae.model(batch_size=5).shape == (5, 1, 4, 4)
+
+
+def test_stacked_model_checks_its_base_and_leaves_it_alone():
+    base = VAE(image_shape=(1, 4, 4), latent_dim=3, hidden=8)
+    stacked = SSVAE(image_shape=(1, 4, 4), likelihood="gaussian", base=base)
+    # the SSVAE froze its own copy; the VAE passed in still trains as before
+    assert stacked.base is not base and not stacked.base.training
+    assert base.training and all(p.requires_grad for p in base.parameters())
+    assert torch.equal(stacked.base.decoder.net[0].weight, base.decoder.net[0].weight)
+    with pytest.raises(ValueError, match="must be 'gaussian'"):
+        SSVAE(image_shape=(1, 4, 4), latent_dim=2, base=base)
+    with pytest.raises(ValueError, match="differs from the base"):
+        SSVAE(latent_dim=2, likelihood="gaussian", base=base)
+    with pytest.raises(ValueError, match="share the name"):
+        SSVAE(image_shape=(1, 4, 4), likelihood="gaussian", name="vae", base=base)
+    discrete = VAE(image_shape=(1, 4, 4), latent="relaxed-categorical", groups=2, classes=3)
+    with pytest.raises(ValueError, match="'gaussian' latent"):
+        SSVAE(image_shape=(1, 4, 4), likelihood="gaussian", base=discrete)
+    for dims in ([], [0, 0], [3]):
+        with pytest.raises(ValueError, match="code_dims must be distinct"):
+            SSVAE(image_shape=(1, 4, 4), likelihood="gaussian", base=base, code_dims=dims)
+    with pytest.raises(ValueError, match="pass base too"):
+        SSVAE(image_shape=(1, 4, 4), code_dims=[0])
+
+
+def test_active_code_dims_leave_out_a_code_the_encoder_ignores():
+    torch.manual_seed(0)
+    base = VAE(image_shape=(1, 4, 4), latent_dim=3, hidden=8)
+    with torch.no_grad():  # codes 0 and 2 follow the image; code 1 no longer does
+        base.encoder.net[3].weight[[0, 2]] *= 20.0
+        base.encoder.net[3].weight[1] = 0.0
+    images = (torch.rand(200, 1, 4, 4) * 255).to(torch.uint8)
+    assert active_code_dims(base, images) == [0, 2]
+    assert active_code_dims(base, images, threshold=1e-9) == [0, 2]
+    with torch.no_grad():
+        base.encoder.net[3].weight[:3] = 0.0
+    with pytest.raises(DataError, match="collapsed to its prior"):
+        active_code_dims(base, images)
+
+
 def test_balanced_labels():
     labels = torch.arange(10).repeat(20)
     chosen = balanced_labels(labels, per_class=3, seed=1)
@@ -114,6 +202,40 @@ def test_fit_and_checkpoint_round_trip(tmp_path: Path):
         fit_ssvae(ssvae, images[:2], torch.tensor([0, 5]), images, epochs=1, device="cpu")
 
 
+def test_stacked_fit_trains_m2_alone_and_round_trips(tmp_path: Path, recwarn):
+    torch.manual_seed(0)
+    ssvae = tiny_stacked(num_classes=2, code_dims=[1, 2])
+    base_before = {k: v.clone() for k, v in ssvae.base.state_dict().items()}
+    m2_before = ssvae.classifier.net[1].weight.clone()
+    images = torch.cat([torch.full((40, 1, 4, 4), 30), torch.full((40, 1, 4, 4), 220)])
+    labels = torch.cat([torch.zeros(40), torch.ones(40)]).long()
+    chosen = balanced_labels(labels, per_class=2)
+    images = images.to(torch.uint8)
+    fit_ssvae(
+        ssvae,
+        images[chosen],
+        labels[chosen],
+        images,
+        (images, labels),
+        epochs=2,
+        batch_size=20,
+        lr=1e-2,
+        device="cpu",
+        checkpoint=tmp_path / "m1m2.pt",
+    )
+    # the base is frozen and stays in eval mode, so Pyro has nothing to warn about
+    assert all(torch.equal(v, base_before[k]) for k, v in ssvae.base.state_dict().items())
+    assert not torch.equal(ssvae.classifier.net[1].weight, m2_before)
+    assert not ssvae.base.training
+    assert not [w for w in recwarn if "param store" in str(w.message)]
+    loaded = load_ssvae(tmp_path / "m1m2.pt")
+    assert loaded.base is not None and loaded.base.config == ssvae.base.config
+    assert loaded.code_dims == [1, 2]
+    x = (torch.rand(8, 1, 4, 4) < 0.5).float()
+    assert torch.equal(loaded.classify(x), ssvae.classify(x))
+    assert torch.equal(loaded.base.encode(x), ssvae.base.encode(x))
+
+
 @pytest.mark.mnist
 def test_fit_ssvae_script(tmp_path: Path, mnist_dir: Path, capsys):
     root = mnist_dir
@@ -128,3 +250,21 @@ def test_fit_ssvae_script(tmp_path: Path, mnist_dir: Path, capsys):
     assert load_ssvae(out / "checkpoint.pt").num_classes == 10
     assert run_script("fit_ssvae.py", *args) == 2
     assert "already holds a run" in capsys.readouterr().err
+    # M1 + M2 on a VAE checkpoint; an untrained VAE has no active code, and says so
+    m1 = VAE(latent_dim=6, hidden=16)
+    save_checkpoint(tmp_path / "m1.pt", m1)
+    stacked = [*args[:-1], str(tmp_path / "m1m2"), "--base", str(tmp_path / "m1.pt")]
+    assert run_script("fit_ssvae.py", *stacked) == 2
+    assert "collapsed to its prior" in capsys.readouterr().err
+    with torch.no_grad():  # codes 0, 2 and 3 now follow the image
+        m1.encoder.net[3].weight[[0, 2, 3]] *= 50.0
+    save_checkpoint(tmp_path / "m1.pt", m1)
+    assert run_script("fit_ssvae.py", *stacked) == 0
+    assert "M2 models 3 of the base's 6 code dimensions" in capsys.readouterr().out
+    loaded = load_ssvae(tmp_path / "m1m2" / "checkpoint.pt")
+    metrics = json.loads((tmp_path / "m1m2" / "metrics.json").read_text())
+    assert loaded.base is not None and loaded.code_dims == metrics["code_dims"] == [0, 2, 3]
+    assert metrics["base"].endswith("m1.pt")
+    bad = [*stacked[:-3], str(tmp_path / "bad"), *stacked[-2:], "--likelihood", "bernoulli"]
+    assert run_script("fit_ssvae.py", *bad) == 2
+    assert "--likelihood gaussian" in capsys.readouterr().err
