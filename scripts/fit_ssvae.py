@@ -6,7 +6,7 @@ python scripts/fit_ssvae.py --labels-per-class 10 --epochs 40 --out runs/ssvae
 With ``--base`` a VAE fitted by scripts/fit.py (M1) encodes the images, and M2 is
 trained on its codes (Kingma et al.'s M1 + M2):
 
-python scripts/fit_ssvae.py --base runs/mnist/checkpoint.pt --out runs/m1m2
+python scripts/fit_ssvae.py --base runs/quickstart/checkpoint.pt --out runs/m1m2
 """
 
 from __future__ import annotations
