@@ -3,6 +3,7 @@
 No Pyro in here. Encoders end in a linear layer of ``out_features`` raw numbers, which
 a latent family turns into a distribution; decoders output raw per-pixel parameters
 of shape ``(channels, height, width)``, which a likelihood turns into a distribution.
+The MLPs also read and write vectors of shape ``(D,)``, such as another VAE's codes.
 Both accept any number of leading batch dimensions (particles, samples) so that
 vectorized inference works without reshaping at the call site.
 """

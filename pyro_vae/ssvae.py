@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -186,9 +187,10 @@ class SSVAE(NamedSites, PyroModule):
         num_data: int | None = None,
         batch_size: int | None = None,
     ) -> torch.Tensor:
-        """p(y) p(z) p(x | y, z). ``x`` and ``y`` are observed where given; with both
-        ``None`` the model draws ``batch_size`` labelled images, and with ``y`` alone it
-        draws one image of each given class. Returns the decoder's mean images."""
+        """p(y) p(z) p(x | y, z), or p(y) p(z) p(c | y, z) p(x | c) stacked on a base VAE
+        (c its code). ``x`` and ``y`` are observed where given; with both ``None`` the
+        model draws ``batch_size`` labelled images, and with ``y`` alone it draws one
+        image of each given class. Returns the (base) decoder's mean images."""
         like = self._a_parameter()
         with self._plate(x, y, num_data, batch_size) as index:
             prior_y = dist.Categorical(logits=like.new_zeros(self.num_classes))
@@ -281,7 +283,8 @@ class SSVAE(NamedSites, PyroModule):
 
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """The most probable label under q(y | x) for each image."""
+        """The most probable label under q(y | x) for each image (under q(y | c) at the
+        base's posterior mean code c, when stacked)."""
         return self.classifier(self._classifier_input(x, False)).argmax(-1)
 
     @torch.no_grad()
@@ -316,11 +319,13 @@ def _check_code_dims(code_dims: Sequence[int] | None, size: int) -> list[int]:
     """``code_dims`` as a sorted list of distinct dimensions of a code of ``size``."""
     if code_dims is None:
         return list(range(size))
-    dims = sorted({int(d) for d in code_dims})
+    message = f"code_dims must be distinct integer dimensions in 0..{size - 1}"
+    try:
+        dims = sorted({operator.index(d) for d in code_dims})
+    except TypeError:
+        raise ValueError(f"{message}, got {list(code_dims)}") from None
     if not dims or len(dims) != len(code_dims) or dims[0] < 0 or dims[-1] >= size:
-        raise ValueError(
-            f"code_dims must be distinct dimensions in 0..{size - 1}, got {list(code_dims)}"
-        )
+        raise ValueError(f"{message}, got {list(code_dims)}")
     return dims
 
 
@@ -331,7 +336,7 @@ def active_code_dims(
     those whose posterior mean varies over them by more than ``threshold`` (the active
     units of Burda et al.). The others stay at the prior whatever the image, so an M2
     stacked on them would only learn to ignore noise."""
-    x, _ = prepare_held_out(vae, images)
+    x, _ = prepare_held_out(vae, images.to(next(vae.parameters()).device))
     dims = (unit_activity(vae, x) > threshold).nonzero().flatten().tolist()
     if not dims:
         raise DataError("no code dimension of this VAE is active: it has collapsed to its prior")
@@ -485,14 +490,14 @@ def load_ssvae(path: str | Path, map_location: str | torch.device = "cpu") -> SS
     base = state.get("base_config")
     try:
         base = None if base is None else VAE(VAEConfig.from_dict(base))
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path} holds an invalid base VAE config: {error}") from None
-    ssvae = SSVAE(
-        state["config"],
-        num_classes=int(state["num_classes"]),
-        base=base,
-        code_dims=state.get("code_dims"),
-    )
+        ssvae = SSVAE(
+            state["config"],
+            num_classes=int(state["num_classes"]),
+            base=base,
+            code_dims=state.get("code_dims"),
+        )
+    except (AttributeError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} holds an invalid SSVAE or base config: {error}") from None
     try:
         ssvae.load_state_dict(state["model"])
     except RuntimeError as error:

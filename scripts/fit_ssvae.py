@@ -6,7 +6,7 @@ python scripts/fit_ssvae.py --labels-per-class 10 --epochs 40 --out runs/ssvae
 With ``--base`` a VAE fitted by scripts/fit.py (M1) encodes the images, and M2 is
 trained on its codes (Kingma et al.'s M1 + M2):
 
-python scripts/fit_ssvae.py --base runs/quickstart/checkpoint.pt --out runs/m1m2
+python scripts/fit_ssvae.py --base runs/quickstart/checkpoint.pt --aux-weight 1.0 --out runs/m1m2
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ def main(args: argparse.Namespace) -> None:
     checkpoint = args.out / "checkpoint.pt"
     if checkpoint.exists():
         raise CheckpointError(f"{args.out} already holds a run; choose another --out")
+    if args.all_codes and args.base is None:
+        raise ValueError("--all-codes chooses the codes of a --base VAE; pass --base too")
     base = None
     if args.base is not None:
         if args.likelihood not in (None, "gaussian"):
@@ -102,8 +104,10 @@ def main(args: argparse.Namespace) -> None:
         config = replace(config, likelihood="gaussian", gaussian_sigma="pixel", sigma_init=0.5)
         if not args.all_codes:
             code_dims = active_code_dims(base, train.images)
-        modelled = base.config.latent_dim if code_dims is None else len(code_dims)
-        print(f"M2 models {modelled} of the base's {base.config.latent_dim} code dimensions")
+    ssvae = SSVAE(config, base=base, code_dims=code_dims)
+    if base is not None:
+        size = base.config.latent_dim
+        print(f"M2 models {len(ssvae.code_dims)} of the base's {size} code dimensions")
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / "config.json").write_text(
@@ -127,7 +131,7 @@ def main(args: argparse.Namespace) -> None:
     interrupted = False
     try:
         fit_ssvae(
-            SSVAE(config, base=base, code_dims=code_dims),
+            ssvae,
             train.images[chosen],
             train.labels[chosen],
             train.images[unlabelled],
@@ -156,7 +160,7 @@ def main(args: argparse.Namespace) -> None:
         "unlabelled_images": int(unlabelled.sum()),
         "test_images": len(test),
         "base": None if args.base is None else str(args.base),
-        "code_dims": code_dims,
+        "code_dims": ssvae.code_dims,
         "epochs": len(rows),
         "interrupted": interrupted,
         "wall_seconds": time.perf_counter() - start,

@@ -6,6 +6,7 @@ from pyro import poutine
 
 from pyro_vae import VAE, fit, load_vae
 from pyro_vae.evaluate import elbo, iwae_log_likelihood
+from pyro_vae.ssvae import SSVAE, active_code_dims, fit_ssvae, load_ssvae
 
 pytestmark = pytest.mark.cuda
 
@@ -35,3 +36,29 @@ def test_training_and_evaluation_stay_on_the_gpu(tmp_path, arch):
     on_cpu = load_vae(tmp_path / "c.pt", map_location="cpu")
     z = torch.randn(3, 8)
     torch.testing.assert_close(on_cpu.decode(z), vae.decode(z.cuda()).cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_stacked_ssvae_trains_on_the_gpu_and_loads_on_the_cpu(tmp_path):
+    images = (torch.rand(120, 1, 28, 28) * 255).to(torch.uint8)
+    labels = torch.arange(120) % 10
+    base = VAE(latent_dim=6, hidden=32).cuda()
+    with torch.no_grad():  # make codes 0, 2 and 3 follow the image
+        base.encoder.net[3].weight[[0, 2, 3]] *= 50.0
+    dims = active_code_dims(base, images)  # CPU images, CUDA VAE
+    ssvae = SSVAE(likelihood="gaussian", latent_dim=4, hidden=32, base=base, code_dims=dims)
+    fit_ssvae(
+        ssvae,
+        images[:20],
+        labels[:20],
+        images[20:],
+        (images[:40], labels[:40]),
+        epochs=1,
+        batch_size=20,
+        device="cuda",
+        checkpoint=tmp_path / "m1m2.pt",
+    )
+    assert all(p.is_cuda for p in ssvae.parameters()) and ssvae._code_index.is_cuda
+    x = images[:8].float().div(255).bernoulli()
+    on_cpu = load_ssvae(tmp_path / "m1m2.pt", map_location="cpu")
+    assert on_cpu.code_dims == dims
+    assert torch.equal(on_cpu.classify(x), ssvae.classify(x.cuda()).cpu())

@@ -12,6 +12,7 @@ from pyro_vae.likelihoods import (
     GaussianLikelihood,
     make_likelihood,
 )
+from pyro_vae.nets import MLPDecoder, MLPEncoder
 
 SHAPE = (1, 4, 3)
 
@@ -106,3 +107,17 @@ def test_nan_and_out_of_range_pixels_are_refused(cls):
         cls().check_data(torch.full((2, *SHAPE), 1.5))
     with pytest.raises(DataError, match="floating"):
         cls().check_data(torch.zeros(2, *SHAPE, dtype=torch.uint8))
+
+
+def test_gaussian_likelihood_and_mlps_take_vectors():
+    """Data of shape (D,), such as another VAE's codes, pass through the MLPs and the
+    Gaussian likelihood with one event dimension, whatever the leading dimensions."""
+    encoder, decoder = MLPEncoder((5,), 8, 3), MLPDecoder(3, 8, (5,))
+    codes = torch.randn(2, 4, 5)
+    assert encoder(codes).shape == (2, 4, 3) and decoder(encoder(codes)).shape == (2, 4, 5)
+    likelihood = GaussianLikelihood((5,), sigma="pixel", init=0.5)
+    mean = decoder(encoder(codes))
+    d = likelihood.distribution(mean)
+    assert d.event_shape == (5,) and d.batch_shape == (2, 4)
+    expected = td.Normal(mean, 0.5).log_prob(codes).sum(-1)
+    assert torch.allclose(d.log_prob(codes), expected, atol=1e-5)

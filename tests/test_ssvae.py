@@ -111,7 +111,20 @@ def test_stacked_model_explains_the_base_code_and_the_base_decoder_the_image():
     assert ssvae.x_site == base.x_site and image["is_observed"]
     expected_image = base.likelihood.distribution(base.decoder(code)).log_prob(x)
     assert torch.allclose(image["log_prob"], expected_image)
-    # with y unobserved the guide's classifier reads the drawn code, and y is enumerated
+    # with y unobserved and enumerated, the code is scored under every label at once
+    enum_guide = poutine.trace(poutine.enum(ssvae.guide, first_available_dim=-2)).get_trace(x)
+    code = enum_guide.nodes[base.z_site]["value"]
+    labels = enum_guide.nodes[ssvae.y_site]["value"]
+    assert labels.shape == (3, 1) and code.shape == (4, 3)
+    enum_model = poutine.trace(poutine.replay(ssvae.model, trace=enum_guide)).get_trace(x)
+    enum_model.compute_log_prob()
+    z = enum_model.nodes[ssvae.z_site]["value"]
+    one_hot = torch.eye(3)[labels.squeeze(1)][:, None].expand(3, 4, 3)  # (label, image, 3)
+    mean = ssvae.decoder(torch.cat([z, one_hot], -1))
+    expected_code = normal(mean, sigma).log_prob(code[:, [0, 2]]).sum(-1)
+    expected_code += normal(0.0, 1.0).log_prob(code[:, 1])
+    assert expected_code.shape == (3, 4)
+    assert torch.allclose(enum_model.nodes[base.z_site]["log_prob"], expected_code)
     enumerated = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
         ssvae.model, ssvae.guide, x
     )
@@ -135,7 +148,7 @@ def test_stacked_model_checks_its_base_and_leaves_it_alone():
     discrete = VAE(image_shape=(1, 4, 4), latent="relaxed-categorical", groups=2, classes=3)
     with pytest.raises(ValueError, match="'gaussian' latent"):
         SSVAE(image_shape=(1, 4, 4), likelihood="gaussian", base=discrete)
-    for dims in ([], [0, 0], [3]):
+    for dims in ([], [0, 0], [3], [0.5]):
         with pytest.raises(ValueError, match="code_dims must be distinct"):
             SSVAE(image_shape=(1, 4, 4), likelihood="gaussian", base=base, code_dims=dims)
     with pytest.raises(ValueError, match="pass base too"):
@@ -226,7 +239,8 @@ def test_stacked_fit_trains_m2_alone_and_round_trips(tmp_path: Path, recwarn):
     # the base is frozen and stays in eval mode, so Pyro has nothing to warn about
     assert all(torch.equal(v, base_before[k]) for k, v in ssvae.base.state_dict().items())
     assert not torch.equal(ssvae.classifier.net[1].weight, m2_before)
-    assert not ssvae.base.training
+    ssvae.train()
+    assert ssvae.training and not ssvae.base.training
     assert not [w for w in recwarn if "param store" in str(w.message)]
     loaded = load_ssvae(tmp_path / "m1m2.pt")
     assert loaded.base is not None and loaded.base.config == ssvae.base.config
