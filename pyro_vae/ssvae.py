@@ -29,10 +29,11 @@ turns the code into the image::
 
 with the guide ``c_n ~ q_base(c | x_n)``, then ``q(y | c_n)`` and ``q(z | c_n, y_n)``.
 The base is trained first and stays fixed, so its encoder and decoder add constants to
-the ELBO's gradient and M2 is, in effect, fitted to draws of the codes. Codes separate
-the digits far better than pixels do, which is what lifts the classifier. M2 may model
-only some code dimensions (:func:`active_code_dims`): the others keep the base's N(0, 1)
-prior, and a base VAE's inactive dimensions are exactly that, noise whatever the image.
+the ELBO's gradient and M2 is, in effect, fitted to draws of the codes. On MNIST with
+100 labels, M2's classifier does far better on the codes than on the pixels (see
+docs/benchmarks.md). M2 may model only some code dimensions (:func:`active_code_dims`):
+the others keep the base's N(0, 1) prior, and a base VAE's inactive dimensions are
+exactly that, noise whatever the image.
 """
 
 from __future__ import annotations

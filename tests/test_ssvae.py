@@ -279,6 +279,8 @@ def test_fit_ssvae_script(tmp_path: Path, mnist_dir: Path, capsys):
     metrics = json.loads((tmp_path / "m1m2" / "metrics.json").read_text())
     assert loaded.base is not None and loaded.code_dims == metrics["code_dims"] == [0, 2, 3]
     assert metrics["base"].endswith("m1.pt")
+    assert run_script("fit_ssvae.py", *args[:-1], str(tmp_path / "bad"), "--all-codes") == 2
+    assert "pass --base too" in capsys.readouterr().err
     bad = [*stacked[:-3], str(tmp_path / "bad"), *stacked[-2:], "--likelihood", "bernoulli"]
     assert run_script("fit_ssvae.py", *bad) == 2
     assert "--likelihood gaussian" in capsys.readouterr().err
