@@ -133,9 +133,7 @@ class SSVAE(NamedSites, PyroModule):
         self.num_classes = int(num_classes)
         #: a frozen copy of the base VAE, in eval mode for good (see train()), or None.
         self.base = None if base is None else copy.deepcopy(base).requires_grad_(False).eval()
-        #: the base code dimensions that M2 models (None without a base).
-        self.code_dims = code_dims
-        if base is not None:
+        if base is not None:  # follows the model across devices; code_dims reads it back
             self.register_buffer("_code_index", torch.tensor(code_dims), persistent=False)
         self.latent = GaussianLatent(config.latent_dim)
         self.classifier = MLPEncoder(data_shape, config.hidden, num_classes, config.depth)
@@ -161,6 +159,11 @@ class SSVAE(NamedSites, PyroModule):
         if self.base is not None:
             self.base.eval()
         return self
+
+    @property
+    def code_dims(self) -> list[int] | None:
+        """The base code dimensions that M2 models (None without a base)."""
+        return None if self.base is None else self._code_index.tolist()
 
     @property
     def image_likelihood(self) -> Likelihood:
