@@ -179,27 +179,36 @@ def test_balanced_labels():
         balanced_labels(labels, per_class=30)
 
 
-def test_fit_and_checkpoint_round_trip(tmp_path: Path):
-    torch.manual_seed(0)
-    ssvae = tiny(num_classes=2)
-    # two classes: dark and bright images, told apart by the classifier after training
-    images = torch.cat([torch.full((40, 1, 4, 4), 30), torch.full((40, 1, 4, 4), 220)]).to(
-        torch.uint8
-    )
+def dark_and_bright() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two classes of 4x4 images, dark and bright, and 2 labelled images of each:
+    (images, labels, indices of the labelled ones)."""
+    images = torch.cat([torch.full((40, 1, 4, 4), 30), torch.full((40, 1, 4, 4), 220)])
     labels = torch.cat([torch.zeros(40), torch.ones(40)]).long()
-    chosen = balanced_labels(labels, per_class=2)
-    history = fit_ssvae(
+    return images.to(torch.uint8), labels, balanced_labels(labels, per_class=2)
+
+
+def fit_dark_and_bright(ssvae: SSVAE, epochs: int, checkpoint: Path) -> list:
+    """fit_ssvae on :func:`dark_and_bright`, tested on all of its images."""
+    images, labels, chosen = dark_and_bright()
+    return fit_ssvae(
         ssvae,
         images[chosen],
         labels[chosen],
         images,
         (images, labels),
-        epochs=10,
+        epochs=epochs,
         batch_size=20,
         lr=1e-2,
         device="cpu",
-        checkpoint=tmp_path / "ssvae.pt",
+        checkpoint=checkpoint,
     )
+
+
+def test_fit_and_checkpoint_round_trip(tmp_path: Path):
+    torch.manual_seed(0)
+    ssvae = tiny(num_classes=2)
+    # the classifier tells the dark images from the bright ones after training
+    history = fit_dark_and_bright(ssvae, epochs=10, checkpoint=tmp_path / "ssvae.pt")
     assert [record.epoch for record in history] == list(range(1, 11))
     assert history[-1].test_accuracy > 0.95
     loaded = load_ssvae(tmp_path / "ssvae.pt")
@@ -208,6 +217,7 @@ def test_fit_and_checkpoint_round_trip(tmp_path: Path):
     save_checkpoint(tmp_path / "vae.pt", VAE(image_shape=(1, 4, 4), latent_dim=2, hidden=8))
     with pytest.raises(CheckpointError, match="not an SSVAE"):
         load_ssvae(tmp_path / "vae.pt")
+    images, labels, chosen = dark_and_bright()
     with pytest.raises(DataError, match="binary pixels"):
         grey = images.float() / 255
         fit_ssvae(ssvae, grey[chosen], labels[chosen], grey, epochs=1, device="cpu")
@@ -220,22 +230,7 @@ def test_stacked_fit_trains_m2_alone_and_round_trips(tmp_path: Path, recwarn):
     ssvae = tiny_stacked(num_classes=2, code_dims=[1, 2])
     base_before = {k: v.clone() for k, v in ssvae.base.state_dict().items()}
     m2_before = ssvae.classifier.net[1].weight.clone()
-    images = torch.cat([torch.full((40, 1, 4, 4), 30), torch.full((40, 1, 4, 4), 220)])
-    labels = torch.cat([torch.zeros(40), torch.ones(40)]).long()
-    chosen = balanced_labels(labels, per_class=2)
-    images = images.to(torch.uint8)
-    fit_ssvae(
-        ssvae,
-        images[chosen],
-        labels[chosen],
-        images,
-        (images, labels),
-        epochs=2,
-        batch_size=20,
-        lr=1e-2,
-        device="cpu",
-        checkpoint=tmp_path / "m1m2.pt",
-    )
+    fit_dark_and_bright(ssvae, epochs=2, checkpoint=tmp_path / "m1m2.pt")
     # the base is frozen and stays in eval mode, so Pyro has nothing to warn about
     assert all(torch.equal(v, base_before[k]) for k, v in ssvae.base.state_dict().items())
     assert not torch.equal(ssvae.classifier.net[1].weight, m2_before)
