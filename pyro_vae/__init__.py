@@ -2,7 +2,7 @@
 
 from .checkpoint import load_checkpoint, load_vae, save_checkpoint
 from .config import VAEConfig
-from .errors import CheckpointError, DataError, TrainingDivergedError
+from .errors import CheckpointError, DataError, TrainingDivergedError, UsageError
 from .evaluate import Evaluation, elbo, evaluate_vae, iwae_log_likelihood
 from .train import EpochRecord, History, fit
 from .vae import VAE
@@ -15,6 +15,7 @@ __all__ = [
     "Evaluation",
     "History",
     "TrainingDivergedError",
+    "UsageError",
     "VAEConfig",
     "elbo",
     "evaluate_vae",

@@ -8,6 +8,7 @@ leaves a half-written checkpoint in place of a good one. It is read back with
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -88,12 +89,19 @@ def check_config(saved: VAEConfig, wanted: VAEConfig, path: str | Path) -> None:
         raise CheckpointError(f"{path} does not match the model ({'; '.join(diffs)})")
 
 
-def load_vae(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild the VAE stored in a checkpoint, with its trained weights, in eval mode."""
+def load_vae(
+    path: str | Path, map_location: str | torch.device = "cpu", name: str | None = None
+):
+    """Rebuild the VAE stored in a checkpoint, with its trained weights, in eval mode.
+
+    :param name: a new ``config.name`` (the prefix of its Pyro sites and parameters), so
+        that two checkpoints saved under the same name can live in one Pyro program.
+    """
     from .vae import VAE
 
     state = load_checkpoint(path, map_location)
-    vae = VAE(state["config"])
+    config = state["config"] if name is None else dataclasses.replace(state["config"], name=name)
+    vae = VAE(config)
     try:
         vae.load_state_dict(state["model"])
     except RuntimeError as error:

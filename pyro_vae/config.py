@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+
+from .errors import UsageError
 
 LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "gaussian")
 LATENTS = ("gaussian", "relaxed-categorical")
@@ -18,8 +21,9 @@ class VAEConfig:
     from its config without pickling any class of ours.
     """
 
-    #: (channels, height, width) of one image; MNIST is (1, 28, 28).
-    image_shape: tuple[int, int, int] = (1, 28, 28)
+    #: (channels, height, width) of one image; MNIST is (1, 28, 28). For tabular data or
+    #: other vectors, (D,): one data point of D numbers (MLP nets only).
+    image_shape: tuple[int, ...] = (1, 28, 28)
     #: p(x | z): "bernoulli" for binary pixels, "continuous-bernoulli" or "gaussian" for grey.
     likelihood: str = "bernoulli"
     #: the latent family; "gaussian" is N(0, I) with a diagonal Normal guide,
@@ -42,7 +46,9 @@ class VAEConfig:
     #: KL (sigma -> root mean squared error); sigma = 1 on [0, 1] pixels drowns the
     #: reconstruction term and gives blurry means.
     gaussian_sigma: str = "shared"
-    #: starting (or fixed) sigma of the Gaussian likelihood, in pixel units of [0, 1].
+    #: starting (or fixed) sigma of the Gaussian likelihood, in the data's units: 0.1 suits
+    #: pixels in [0, 1]; for other data, about a third of its standard deviation (``fit``
+    #: stops with a message when a learned sigma starts far from the data's scale).
     sigma_init: float = 0.1
     #: lower bound of a learned sigma: the size of the 8-bit quantization noise
     #: (1 / 256 / sqrt(12) ~ 1.1e-3), below which a density on dequantized pixels means nothing.
@@ -65,35 +71,40 @@ class VAEConfig:
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("gaussian_sigma", self.gaussian_sigma, GAUSSIAN_SIGMAS)
         shape = tuple(int(s) for s in self.image_shape)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(
-                f"image_shape must be (channels, height, width), got {self.image_shape}"
+        if len(shape) not in (1, 3) or min(shape) < 1:
+            raise UsageError(
+                f"image_shape must be (channels, height, width) for images or (D,) for "
+                f"vectors, got {self.image_shape}"
             )
         object.__setattr__(self, "image_shape", shape)
+        if self.arch == "conv" and len(shape) != 3:
+            raise UsageError(
+                f"arch 'conv' needs images (channels, height, width), got image_shape {shape}; "
+                "use arch 'mlp' for vectors"
+            )
         if self.arch == "conv" and (shape[1] % 4 or shape[2] % 4):
-            raise ValueError(
+            raise UsageError(
                 f"arch 'conv' halves the image twice, so height and width must be multiples "
                 f"of 4; got {shape[1]} x {shape[2]} (resize the images, or use arch 'mlp')"
             )
         for key in ("latent_dim", "hidden", "depth", "channels", "groups"):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+                raise UsageError(f"{key} must be a positive integer, got {getattr(self, key)}")
         if self.classes < 2:
-            raise ValueError(f"classes must be at least 2, got {self.classes}")
+            raise UsageError(f"classes must be at least 2, got {self.classes}")
         if not 0 < self.sigma_floor <= self.sigma_init:
-            raise ValueError(
+            raise UsageError(
                 f"need 0 < sigma_floor <= sigma_init, got {self.sigma_floor} and {self.sigma_init}"
             )
         if not self.name or any(c in self.name for c in " /"):
-            raise ValueError(
+            raise UsageError(
                 f"name must be a non-empty string without spaces or '/', got {self.name!r}"
             )
 
     @property
     def num_pixels(self) -> int:
-        """Dimension D of one image (channels x height x width)."""
-        c, h, w = self.image_shape
-        return c * h * w
+        """Dimension D of one data point (channels x height x width for an image)."""
+        return math.prod(self.image_shape)
 
     def to_dict(self) -> dict:
         """A plain dict (lists, numbers, strings) fit for JSON and ``weights_only`` checkpoints."""
@@ -107,10 +118,10 @@ class VAEConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown VAEConfig field(s): {', '.join(unknown)}")
+            raise UsageError(f"unknown VAEConfig field(s): {', '.join(unknown)}")
         return cls(**{**values, "image_shape": tuple(values.get("image_shape", (1, 28, 28)))})
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
+        raise UsageError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")

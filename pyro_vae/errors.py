@@ -24,3 +24,8 @@ class TrainingDivergedError(RuntimeError):
         )
         self.step = step
         self.loss = loss
+
+
+class UsageError(ValueError):
+    """An option, argument or combination of them that cannot work, e.g. an unknown
+    likelihood, a negative batch size, or a mode the model is not in."""

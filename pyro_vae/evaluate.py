@@ -24,7 +24,7 @@ from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
 from .data import TEST_SEED, fixed_preprocess
-from .errors import DataError
+from .errors import DataError, UsageError
 
 #: name of the vectorized particle plate; leading underscore keeps it out of user names.
 PARTICLE_PLATE = "_pyro_vae_particles"
@@ -138,7 +138,7 @@ def kl_per_unit(vae, data: torch.Tensor, batch_size: int = 1000) -> torch.Tensor
         try:
             return torch.distributions.kl_divergence(q, p)
         except NotImplementedError:
-            raise ValueError(
+            raise UsageError(
                 f"no closed-form KL between {type(q).__name__} and {type(p).__name__}; "
                 "evaluate the model in eval mode (vae.eval()), where codes are exact"
             ) from None
@@ -273,7 +273,7 @@ def evaluate_vae(
     :param seed: seeds every draw; the caller's random state is restored afterwards.
     """
     if num_particles < 1 or batch_size < 1 or particle_chunk < 1 or elbo_particles < 1:
-        raise ValueError(
+        raise UsageError(
             "num_particles, batch_size, particle_chunk and elbo_particles must be >= 1"
         )
     if images.shape[0] == 0:

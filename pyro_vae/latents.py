@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributions import kl_divergence, register_kl
 
 from .config import VAEConfig
+from .errors import UsageError
 
 #: the smallest posterior standard deviation: softplus alone underflows to exactly 0.
 MIN_SCALE = 1e-5
@@ -32,6 +33,10 @@ class GaussianLatent:
         self.spatial = False
         self.encoder_features = 2 * dim
         self.decoder_features = dim
+        #: shape of one data point's z.
+        self.event_shape = (dim,)
+        #: trained through a relaxation that only training mode uses (see CategoricalLatent).
+        self.relaxed = False
 
     def prior(self, batch_shape: torch.Size, like: torch.Tensor) -> dist.TorchDistribution:
         """N(0, I) for ``batch_shape`` data points, on the device and dtype of ``like``."""
@@ -138,6 +143,10 @@ class CategoricalLatent(nn.Module):
         self.spatial = len(self.code_shape) == 2
         self.encoder_features = (*self.code_shape, classes)
         self.decoder_features = (*self.code_shape, classes)
+        #: shape of one data point's z: a one-hot vector per code.
+        self.event_shape = (*self.code_shape, classes)
+        #: training mode relaxes the codes; eval mode's exact codes have no pathwise gradient.
+        self.relaxed = True
         #: Concrete temperature of training-mode draws; set by the training loop's schedule.
         self.temperature = 1.0
 
@@ -177,12 +186,12 @@ class CategoricalLatent(nn.Module):
         shape = tuple(tokens.shape[tokens.dim() - len(self.code_shape) :])
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or shape != self.code_shape:
             want = ", ".join(map(str, self.code_shape))
-            raise ValueError(
+            raise UsageError(
                 f"tokens must be an integer tensor of shape (batch, {want}), "
                 f"got {tokens.dtype} of shape {tuple(tokens.shape)}"
             )
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.classes):
-            raise ValueError(
+            raise UsageError(
                 f"tokens must lie in 0..{self.classes - 1} (the codebook size is "
                 f"{self.classes}); got values in {tokens.min().item()}..{tokens.max().item()}"
             )

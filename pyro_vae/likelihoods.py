@@ -20,10 +20,18 @@ from .errors import DataError
 
 
 class Likelihood(nn.Module):
-    """Base class. ``preprocessing`` says how 8-bit images are made into data for it."""
+    """Base class. ``preprocessing`` says how 8-bit images are made into data for it.
+
+    :param event_dims: dimensions of one data point: 3 for an image ``(C, H, W)``, 1 for
+        a vector ``(D,)``.
+    """
 
     #: "binarize" (a Bernoulli draw per pixel) or "dequantize" (uniform noise within a level).
     preprocessing: str = "dequantize"
+
+    def __init__(self, event_dims: int = 3):
+        super().__init__()
+        self.event_dims = event_dims
 
     def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
         """The distribution over images given the decoder's raw output."""
@@ -37,8 +45,13 @@ class Likelihood(nn.Module):
         """Raise :class:`DataError` if ``x`` is outside this likelihood's support."""
         if not x.is_floating_point():
             raise DataError(f"data must be a floating-point tensor, got dtype {x.dtype}")
-        if not torch.isfinite(x).all():
-            raise DataError("data contains NaN or infinite pixel values")
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            first = int(bad.reshape(len(x), -1).any(1).nonzero()[0]) if x.dim() else 0
+            raise DataError(
+                f"the data hold {int(bad.sum())} NaN or infinite value(s), the first in data "
+                f"point {first}; remove or impute them before fitting or scoring"
+            )
 
 
 class BernoulliImage(dist.Independent):
@@ -72,7 +85,7 @@ class BernoulliLikelihood(Likelihood):
     preprocessing = "binarize"
 
     def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
-        return BernoulliImage(params, 3)
+        return BernoulliImage(params, self.event_dims)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params)
@@ -90,7 +103,7 @@ class ContinuousBernoulliLikelihood(Likelihood):
     """The normalized continuous Bernoulli on [0, 1] (Loaiza-Ganem & Cunningham, 2019)."""
 
     def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
-        return dist.ContinuousBernoulli(logits=params).to_event(3)
+        return dist.ContinuousBernoulli(logits=params).to_event(self.event_dims)
 
     def check_data(self, x: torch.Tensor) -> None:
         super().check_data(x)
@@ -116,15 +129,19 @@ class GaussianLikelihood(Likelihood):
         init: float = 0.1,
         floor: float = 1e-3,
     ):
-        super().__init__()
+        super().__init__(len(image_shape))
         self.floor = floor
-        self.event_dims = len(image_shape)
         if sigma == "fixed":
             self.register_buffer("raw_sigma", torch.tensor(_inverse_softplus(init - floor)))
         else:
             shape = image_shape if sigma == "pixel" else ()
             raw = torch.full(shape, _inverse_softplus(init - floor))
             self.raw_sigma = nn.Parameter(raw)
+
+    @property
+    def learned(self) -> bool:
+        """Whether training changes sigma (it does unless it is "fixed")."""
+        return isinstance(self.raw_sigma, nn.Parameter)
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -147,9 +164,9 @@ def _inverse_softplus(y: float) -> float:
 def make_likelihood(config: VAEConfig) -> Likelihood:
     """The likelihood named by ``config.likelihood``."""
     if config.likelihood == "bernoulli":
-        return BernoulliLikelihood()
+        return BernoulliLikelihood(len(config.image_shape))
     if config.likelihood == "continuous-bernoulli":
-        return ContinuousBernoulliLikelihood()
+        return ContinuousBernoulliLikelihood(len(config.image_shape))
     return GaussianLikelihood(
         config.image_shape, config.gaussian_sigma, config.sigma_init, config.sigma_floor
     )

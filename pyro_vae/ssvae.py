@@ -51,19 +51,19 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
-from pyro.nn import PyroModule, pyro_method
+from pyro.nn import PyroModule
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import VAEConfig
 from .data import TensorBatches, fixed_preprocess, preprocess
-from .errors import CheckpointError, DataError, TrainingDivergedError
+from .errors import CheckpointError, DataError, TrainingDivergedError, UsageError
 from .evaluate import ACTIVE_THRESHOLD, prepare_held_out, unit_activity
 from .latents import GaussianLatent
 from .likelihoods import GaussianLikelihood, Likelihood, make_likelihood
 from .nets import MLPDecoder, MLPEncoder
 from .train import resolve_device
-from .vae import VAE, NamedSites
+from .vae import VAE, NamedSites, pyro_program
 
 
 class _LabelledEncoder(nn.Module):
@@ -117,12 +117,12 @@ class SSVAE(NamedSites, PyroModule):
         elif kwargs:
             raise TypeError("pass either a VAEConfig or keyword arguments, not both")
         if config.arch != "mlp" or config.latent != "gaussian":
-            raise ValueError("SSVAE supports arch 'mlp' with the 'gaussian' latent only")
+            raise UsageError("SSVAE supports arch 'mlp' with the 'gaussian' latent only")
         if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+            raise UsageError(f"num_classes must be at least 2, got {num_classes}")
         if base is None:
             if code_dims is not None:
-                raise ValueError("code_dims selects codes of a base VAE; pass base too")
+                raise UsageError("code_dims selects codes of a base VAE; pass base too")
             data_shape = config.image_shape
         else:
             _check_base(config, base)
@@ -182,7 +182,7 @@ class SSVAE(NamedSites, PyroModule):
         return f"{self.config.name}.y"
 
     # ----------------------------------------------------------------- Pyro programs
-    @pyro_method
+    @pyro_program
     def model(
         self,
         x: torch.Tensor | None = None,
@@ -209,7 +209,7 @@ class SSVAE(NamedSites, PyroModule):
             pyro.sample(self.x_site, self.base.likelihood.distribution(params), obs=x)
         return self.base.likelihood.mean(params)
 
-    @pyro_method
+    @pyro_program
     def guide(
         self,
         x: torch.Tensor | None = None,
@@ -222,7 +222,7 @@ class SSVAE(NamedSites, PyroModule):
         Stacked on a base VAE, x is first encoded to a code ``c ~ q_base(c | x)``, and the
         label and z are inferred from c. Returns the sampled z."""
         if x is None:
-            raise ValueError("the guide encodes observed images, so it needs x")
+            raise UsageError("the guide encodes observed images, so it needs x")
         with self._plate(x, y, num_data, batch_size):
             if self.base is not None:
                 code = pyro.sample(self.base.z_site, self.base.posterior(x))
@@ -246,16 +246,16 @@ class SSVAE(NamedSites, PyroModule):
         if x is not None:
             if x.dim() != 4 or tuple(x.shape[1:]) != self.config.image_shape:
                 want = ", ".join(map(str, self.config.image_shape))
-                raise ValueError(f"expected images of shape (batch, {want}), got {tuple(x.shape)}")
+                raise DataError(f"expected images of shape (batch, {want}), got {tuple(x.shape)}")
             batch, device = x.shape[0], x.device
         elif y is not None:
             batch, device = y.shape[0], y.device
         elif batch_size is not None:
             batch, device = int(batch_size), self._a_parameter().device
         else:
-            raise ValueError("with x=None and y=None the model needs batch_size")
+            raise UsageError("with x=None and y=None the model needs batch_size")
         if y is not None and (y.dim() != 1 or y.shape[0] != batch):
-            raise ValueError(f"y must hold one label per image ({batch}), got {tuple(y.shape)}")
+            raise UsageError(f"y must hold one label per image ({batch}), got {tuple(y.shape)}")
         return self._data_plate(batch, device, num_data)
 
     def _code_distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
@@ -302,21 +302,21 @@ class SSVAE(NamedSites, PyroModule):
 
 
 def _check_base(config: VAEConfig, base: VAE) -> None:
-    """Raise ValueError unless an M2 with ``config`` can be stacked on ``base``."""
+    """Raise UsageError unless an M2 with ``config`` can be stacked on ``base``."""
     if not isinstance(base, VAE) or base.config.latent != "gaussian":
-        raise ValueError("base must be a pyro_vae.VAE with the 'gaussian' latent")
+        raise UsageError("base must be a pyro_vae.VAE with the 'gaussian' latent")
     if config.likelihood != "gaussian":
-        raise ValueError(
+        raise UsageError(
             "stacked on a base VAE, M2 models its continuous codes, so the likelihood "
             f"must be 'gaussian', got {config.likelihood!r}"
         )
     if config.image_shape != base.config.image_shape:
-        raise ValueError(
+        raise UsageError(
             f"image_shape {config.image_shape} differs from the base VAE's "
             f"{base.config.image_shape}"
         )
     if config.name == base.config.name:
-        raise ValueError(f"the SSVAE and its base VAE share the name {config.name!r}")
+        raise UsageError(f"the SSVAE and its base VAE share the name {config.name!r}")
 
 
 def _check_code_dims(code_dims: Sequence[int] | None, size: int) -> list[int]:
@@ -327,9 +327,9 @@ def _check_code_dims(code_dims: Sequence[int] | None, size: int) -> list[int]:
     try:
         dims = sorted({operator.index(d) for d in code_dims})
     except TypeError:
-        raise ValueError(f"{message}, got {list(code_dims)}") from None
+        raise UsageError(f"{message}, got {list(code_dims)}") from None
     if not dims or len(dims) != len(code_dims) or dims[0] < 0 or dims[-1] >= size:
-        raise ValueError(f"{message}, got {list(code_dims)}")
+        raise UsageError(f"{message}, got {list(code_dims)}")
     return dims
 
 
@@ -420,7 +420,7 @@ def fit_ssvae(
     if labels.min() < 0 or labels.max() >= ssvae.num_classes:
         raise DataError(f"labels must lie in 0..{ssvae.num_classes - 1}")
     if epochs < 0 or batch_size < 1 or lr <= 0 or aux_weight < 0:
-        raise ValueError("need epochs >= 0, batch_size >= 1, lr > 0, aux_weight >= 0")
+        raise UsageError("need epochs >= 0, batch_size >= 1, lr > 0, aux_weight >= 0")
     for images in (labelled, unlabelled):
         if images.is_floating_point():  # uint8 images are made valid data by preprocess()
             ssvae.image_likelihood.check_data(images)

@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,8 @@ from tqdm.auto import tqdm
 from . import evaluate
 from .checkpoint import check_config, load_checkpoint, save_checkpoint
 from .data import LoaderBatches, TensorBatches, fixed_preprocess, preprocess
-from .errors import DataError, TrainingDivergedError
+from .errors import DataError, TrainingDivergedError, UsageError
+from .likelihoods import GaussianLikelihood
 from .vae import VAE
 
 ELBOS = {"trace": Trace_ELBO, "jit": JitTrace_ELBO, "meanfield": TraceMeanField_ELBO}
@@ -84,9 +86,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """ "auto" (or None) picks CUDA when a GPU is there, else the CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise UsageError(f"unknown device {device!r}: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+        raise UsageError(
+            "device 'cuda' was asked for but no CUDA GPU is available; use 'cpu' or 'auto'"
+        )
     return device
 
 
@@ -117,7 +124,7 @@ def temperature_at(step: int, start: float, floor: float, shape: str, anneal_ste
         return start * (floor / start) ** progress
     if shape == "cosine":
         return floor + (start - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(
+    raise UsageError(
         f"unknown temperature schedule {shape!r}; choose one of: {', '.join(TEMPERATURE_SCHEDULES)}"
     )
 
@@ -147,20 +154,24 @@ def fit(
 ) -> History:
     """Train ``vae`` by SVI on ``train`` and return the per-epoch :class:`History`.
 
-    :param train: ``(N, C, H, W)`` images, held on the device and batched by shuffled
-        index; uint8 images are binarized afresh each batch (Bernoulli likelihood) or
-        dequantized (continuous ones), floating-point data is used as it is. A
-        ``Dataset`` of uint8 images (e.g. :class:`~pyro_vae.data.ImageFolder`) is
+    :param train: ``(N, C, H, W)`` images (``(N, D)`` vectors for a VAE of vectors), held
+        on the device and batched by shuffled index; uint8 images are binarized afresh
+        each batch (Bernoulli likelihood) or dequantized (continuous ones), floating-point
+        data is used as it is, in the model's dtype. A ``Dataset`` of images (e.g.
+        :class:`~pyro_vae.data.ImageFolder`), or of ``(image, label, ...)`` tuples such as
+        a ``TensorDataset`` or a torchvision data set, whose first element is taken, is
         streamed through a ``DataLoader`` with ``num_workers`` workers instead.
     :param test: held-out images; their ELBO is recorded after each epoch. uint8 test
         images get one fixed, seeded binarization or dequantization.
-    :param epochs: total epochs; a resumed run continues up to this number.
+    :param epochs: total epochs, at least 1; a resumed run continues up to this number.
     :param beta: weight of the KL term (1 is the true ELBO), applied with
         ``poutine.scale`` to the latent site in both model and guide.
     :param warmup: epochs over which the KL weight ramps linearly from 0 to ``beta``.
     :param elbo: "trace" (``Trace_ELBO``), "jit" (``JitTrace_ELBO``) or "meanfield"
         (``TraceMeanField_ELBO``, analytic KL where it exists).
-    :param seed: seeds Pyro/torch and the shuffling, so a run is reproducible.
+    :param seed: seeds Pyro/torch, the shuffling and the noise of training, so a run is
+        reproducible. The weights were drawn when the VAE was built: for a run that is
+        reproducible from scratch, call ``pyro.set_rng_seed(seed)`` before ``VAE(...)``.
     :param checkpoint: file to write after every epoch, on Ctrl-C, and to resume from.
     :param resume: continue from ``checkpoint`` if it exists (weights, optimizer,
         progress, history, RNG states); its config must match ``vae.config``. The run
@@ -179,31 +190,44 @@ def fit(
         not applied, and ``checkpoint`` keeps the last good epoch.
     """
     if elbo not in ELBOS:
-        raise ValueError(f"unknown elbo {elbo!r}; choose one of: {', '.join(ELBOS)}")
-    if epochs < 0 or batch_size < 1 or lr <= 0 or beta < 0 or warmup < 0:
-        raise ValueError("need epochs >= 0, batch_size >= 1, lr > 0, beta >= 0, warmup >= 0")
+        raise UsageError(f"unknown elbo {elbo!r}; choose one of: {', '.join(ELBOS)}")
+    if epochs < 1:
+        raise UsageError(f"epochs={epochs}: fit would train nothing; ask for at least 1 epoch")
+    if batch_size < 1 or lr <= 0 or beta < 0 or warmup < 0:
+        raise UsageError("need batch_size >= 1, lr > 0, beta >= 0, warmup >= 0")
     if temperature_schedule not in TEMPERATURE_SCHEDULES:
-        raise ValueError(
+        raise UsageError(
             f"unknown temperature schedule {temperature_schedule!r}; "
             f"choose one of: {', '.join(TEMPERATURE_SCHEDULES)}"
         )
+    if vae._frozen:
+        raise UsageError("the VAE is frozen (inside vae.frozen()); fit it outside that block")
     if not 0 < temperature_floor <= temperature:
-        raise ValueError(
+        raise UsageError(
             f"need 0 < temperature floor <= temperature, got {temperature_floor} and {temperature}"
         )
     device = resolve_device(device)
     vae.to(device)
     vae.train()
     pyro.set_rng_seed(seed)
+    dtype = vae._a_parameter().dtype
     batches = _batches(vae, train, batch_size, device, seed, num_workers)
     # a streamed data set is seen one batch at a time: float batches are checked as they come
-    check_batches = not isinstance(train, torch.Tensor) and train[0].is_floating_point()
-    test_x = None if test is None else _held_out(vae, test, device)
+    check_batches = not isinstance(train, torch.Tensor) and _first(train[0]).is_floating_point()
+    test_x = None if test is None else _held_out(vae, test, device).to(dtype)
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     run = _Progress()
     history = History()
     if resume and checkpoint is not None and Path(checkpoint).exists():
         history, run = _restore(vae, optimizer, checkpoint, device, lr)
+        if run.epoch >= epochs:
+            warnings.warn(
+                f"{checkpoint} already holds {run.epoch} epochs, so fit(epochs={epochs}) "
+                "trained nothing; ask for more epochs to continue the run",
+                stacklevel=2,
+            )
+    else:
+        _check_gaussian_scale(vae, train)
 
     def save(**extra) -> None:
         if checkpoint is not None:
@@ -253,7 +277,7 @@ def fit(
                     leave=False,
                 )
                 for images in bar:
-                    x = preprocess(images, vae.likelihood.preprocessing)
+                    x = preprocess(images, vae.likelihood.preprocessing).to(dtype)
                     weight = kl_weight_at(run.step, beta, warmup_steps)
                     if anneals:
                         # as the KL warm-up does, step n uses the value reached after n + 1 steps,
@@ -363,31 +387,72 @@ def _check_shape(vae, shape: tuple[int, ...], what: str) -> None:
     if tuple(shape) != vae.config.image_shape:
         got = "x".join(map(str, shape))
         want = "x".join(map(str, vae.config.image_shape))
-        raise DataError(f"{what} images are {got} (C x H x W) but the model expects {want}")
+        kind = "images are {} (C x H x W)" if len(vae.config.image_shape) == 3 else "vectors are {}"
+        raise DataError(f"{what} {kind.format(got)} but the model expects {want}")
+
+
+def _first(item):
+    """The image of a data set item: the item itself, or the first of a tuple such as
+    ``(image, label)``."""
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _check_tensor(vae, data: torch.Tensor, what: str) -> None:
+    if not isinstance(data, torch.Tensor):
+        raise DataError(f"{what} data must be a tensor or a Dataset, got {type(data).__name__}")
+    dims = 1 + len(vae.config.image_shape)
+    if data.dim() != dims or data.shape[0] == 0:
+        layout = "(N, C, H, W)" if dims == 4 else "(N, D)"
+        raise DataError(
+            f"{what} data must be a non-empty {layout} tensor, got {tuple(data.shape)}"
+        )
+    _check_shape(vae, data.shape[1:], what)
 
 
 def _batches(vae, train, batch_size: int, device: torch.device, seed: int, num_workers: int):
     if isinstance(train, torch.Tensor):
-        if train.dim() != 4 or train.shape[0] == 0:
-            raise DataError(
-                f"training data must be a non-empty (N, C, H, W) tensor, got {tuple(train.shape)}"
-            )
-        _check_shape(vae, train.shape[1:], "training")
+        _check_tensor(vae, train, "training")
         if train.is_floating_point():
             vae.likelihood.check_data(train)
         return TensorBatches(train, batch_size, device, seed)
+    if not isinstance(train, Dataset):
+        raise DataError(
+            f"training data must be a tensor or a Dataset, got {type(train).__name__}"
+        )
     if len(train) == 0:
         raise DataError("the training set is empty")
-    _check_shape(vae, train[0].shape, "training")
+    _check_shape(vae, _first(train[0]).shape, "training")
     return LoaderBatches(train, batch_size, device, seed, num_workers)
 
 
-def _held_out(vae, test: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if test.dim() != 4 or test.shape[0] == 0:
+def _check_gaussian_scale(vae, train) -> None:
+    """Stop a fresh run whose learned Gaussian sigma starts far from the data's scale.
+
+    Adam moves the raw sigma by about the learning rate per step, so a sigma that starts
+    100 times too small or too large takes many thousands of steps to arrive, and the
+    reconstruction term is mis-weighted against the KL all the while.
+    """
+    likelihood = vae.likelihood
+    if not isinstance(likelihood, GaussianLikelihood) or not likelihood.learned:
+        return
+    # a fixed sample and seed: checking must not move the run's random stream
+    if isinstance(train, torch.Tensor):
+        sample = train[:10_000]
+    else:
+        sample = torch.stack([_first(train[i]) for i in range(min(len(train), 256))])
+    spread = fixed_preprocess(sample, likelihood.preprocessing).float().std().item()
+    sigma = likelihood.sigma.detach().median().item()
+    if spread > 0 and not 0.01 <= spread / sigma <= 100:
         raise DataError(
-            f"test data must be a non-empty (N, C, H, W) tensor, got {tuple(test.shape)}"
+            f"the gaussian likelihood's sigma starts at {sigma:.3g} but the data's standard "
+            f"deviation is {spread:.3g}, too far apart for a learned sigma to catch up; "
+            f"standardize the data, or build the VAE with sigma_init={spread / 3:.3g} "
+            "(about a third of the data's spread; 0.1 suits pixels in [0, 1])"
         )
-    _check_shape(vae, test.shape[1:], "test")
+
+
+def _held_out(vae, test: torch.Tensor, device: torch.device) -> torch.Tensor:
+    _check_tensor(vae, test, "test")
     x = fixed_preprocess(test.to(device), vae.likelihood.preprocessing)
     vae.likelihood.check_data(x)
     return x

@@ -15,15 +15,25 @@ an unbiased estimate of the ELBO of the whole data set.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import warnings
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.nn import PyroModule, pyro_method
+from pyro.params.param_store import param_with_module_name
+from pyro.poutine.condition_messenger import ConditionMessenger
+from pyro.poutine.replay_messenger import ReplayMessenger
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
+from pyro.poutine.util import is_validation_enabled as poutine_validation_enabled
 
 from .config import VAEConfig
+from .errors import DataError, UsageError
 from .latents import CategoricalLatent, make_latent
 from .likelihoods import make_likelihood
 from .nets import (
@@ -35,13 +45,94 @@ from .nets import (
     MLPEncoder,
 )
 
+_Program = TypeVar("_Program", bound=Callable)
+
+
+def pyro_program(fn: _Program) -> _Program:
+    """Make ``fn`` a Pyro program of its module (:func:`pyro.nn.pyro_method`) that always
+    runs on the module's own weights.
+
+    Pyro's global param store outlives models: a second model of the same name (a notebook
+    cell run twice, a second ``load_vae``) would otherwise find the first model's tensors
+    stored under its parameter names, and ``SVI`` would hand *those* to the optimizer
+    while the model computes with its own, which then never move. Before each call the
+    module claims its names in the store (:meth:`NamedSites._claim_param_store`). Inside
+    :meth:`NamedSites.frozen` the program runs as plain PyTorch instead, so none of its
+    weights reach the param store or an optimizer.
+    """
+    with_pyro = pyro_method(fn)
+
+    @functools.wraps(fn)
+    def program(self, *args, **kwargs):
+        if self._frozen:
+            return fn(self, *args, **kwargs)
+        self._claim_param_store()
+        return with_pyro(self, *args, **kwargs)
+
+    return program  # type: ignore[return-value]
+
 
 class NamedSites:
     """Public site names, each prefixed by ``config.name`` so that two models can share one
-    Pyro program, and the plate over images; shared by the package's image models."""
+    Pyro program, and the plate over images; shared by the package's image models. Also
+    what keeps such a model's weights its own in Pyro's global param store."""
 
     config: VAEConfig
     decoder: torch.nn.Module
+    _frozen: bool = False
+    _warned_store: bool = False
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Use the fitted model as a fixed part of another program while inside.
+
+        Its weights take no gradients and never enter Pyro's param store, so ``SVI`` of an
+        enclosing model (over z, say) cannot change them; ``model`` and ``guide`` still
+        sample their sites as usual. Without it, calling ``vae.model`` inside your own model
+        makes the VAE's weights parameters of *your* model, trained with it.
+        """
+        if self._frozen:  # nested: the outer block restores
+            yield
+            return
+        flags = [p.requires_grad for p in self.parameters()]
+        self.requires_grad_(False)
+        self._frozen = True
+        try:
+            yield
+        finally:
+            self._frozen = False
+            for p, flag in zip(self.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+
+    def _claim_param_store(self) -> None:
+        """Store this module's own weights under its parameter names in Pyro's param store,
+        replacing tensors that another module of the same name left there."""
+        if pyro.settings.get("module_local_params"):
+            return
+        store = pyro.get_param_store()
+        claimed = []
+        for child_name, child in self.named_children():
+            if isinstance(child, PyroModule):
+                continue
+            prefix = f"{self._pyro_name}.{child_name}"  # as PyroModule names it
+            for param_name, param in child.named_parameters():
+                name = param_with_module_name(prefix, param_name)
+                held = store._params.get(name)
+                if held is not None and held is not param and param.requires_grad:
+                    # the same bookkeeping PyroModule does when it registers a parameter
+                    store._params[name] = param
+                    store._param_to_name.pop(held, None)
+                    store._param_to_name[param] = name
+                    claimed.append(name)
+        if claimed and not self._warned_store:
+            self._warned_store = True
+            warnings.warn(
+                f"Pyro's param store held parameters of another model named "
+                f"'{self.config.name}' (e.g. {claimed[0]}); they now point at this model's "
+                f"weights, so SVI trains this one. To keep two such models in one program, "
+                f"give each its own name (VAEConfig(name=...), load_vae(..., name=...)).",
+                stacklevel=3,
+            )
 
     def _data_plate(self, batch: int, device: torch.device, num_data: int | None) -> pyro.plate:
         """The plate over ``batch`` images, a subsample of ``num_data`` when that is given."""
@@ -126,7 +217,7 @@ class VAE(NamedSites, PyroModule):
             self._kl_weight = previous
 
     # ----------------------------------------------------------------- Pyro programs
-    @pyro_method
+    @pyro_program
     def model(
         self,
         x: torch.Tensor | None = None,
@@ -135,7 +226,9 @@ class VAE(NamedSites, PyroModule):
         batch_size: int | None = None,
     ) -> torch.Tensor:
         """p(z) p(x | z). With ``x`` given it is observed; with ``x=None`` the model draws
-        ``batch_size`` new images. Returns the decoder's mean image for each z.
+        ``batch_size`` new images, or as many as a conditioned z holds
+        (``poutine.condition(vae.model, data={vae.z_site: z})()``). Returns the decoder's
+        mean image for each z.
         """
         return self.likelihood.mean(self._model_body(x, num_data=num_data, batch_size=batch_size))
 
@@ -152,11 +245,12 @@ class VAE(NamedSites, PyroModule):
         with self._plate(x, num_data, batch_size) as index:
             with self._latent_scale():
                 z = pyro.sample(self.z_site, self.latent.prior(index.shape, like))
+            self._check_latent(z, index.shape[0])
             params = self.decoder(z)
             pyro.sample(self.x_site, self.likelihood.distribution(params), obs=x)
         return params
 
-    @pyro_method
+    @pyro_program
     def guide(
         self,
         x: torch.Tensor | None = None,
@@ -166,29 +260,114 @@ class VAE(NamedSites, PyroModule):
     ) -> torch.Tensor:
         """q(z | x), amortized by the encoder. Returns the sampled z."""
         if x is None:
-            raise ValueError(
+            raise UsageError(
                 "the guide encodes observed images, so it needs x; to generate new images "
                 "run the model alone, e.g. vae.model(batch_size=16)"
+            )
+        if not self.training and self.latent.relaxed and self._trains_encoder():
+            raise UsageError(
+                "this relaxed-categorical VAE is in eval mode, where its codes are exact "
+                "one-hot draws with no reparameterized gradient, so SVI would fail or fall "
+                "back to a noisy score-function estimator; call vae.train() before training "
+                "it (load_vae returns a model in eval mode; fit() switches modes itself)"
             )
         with self._plate(x, num_data, batch_size), self._latent_scale():
             return pyro.sample(self.z_site, self.latent.posterior(self.encoder(x)))
 
+    def _trains_encoder(self) -> bool:
+        """Whether an SVI step is running that would train the encoder: gradients are on
+        for its weights and ``SVI.step`` is collecting parameters (a param-only trace)."""
+        if not torch.is_grad_enabled() or not any(
+            p.requires_grad for p in self.encoder.parameters()
+        ):
+            return False
+        return any(
+            isinstance(handler, TraceMessenger) and handler.param_only for handler in _PYRO_STACK
+        )
+
     def _plate(
         self, x: torch.Tensor | None, num_data: int | None, batch_size: int | None
     ) -> pyro.plate:
+        """The data plate, after checking what the caller passed: the one place where the
+        model and guide check their images."""
         if x is None:
             if batch_size is None:
-                raise ValueError("with x=None the model needs batch_size: how many images to draw")
+                batch_size = self._conditioned_batch()
             batch = int(batch_size)
             device = self._a_parameter().device
         else:
-            if tuple(x.shape[-3:]) != self.config.image_shape or x.dim() != 4:
-                want = ", ".join(map(str, self.config.image_shape))
-                raise ValueError(f"expected images of shape (batch, {want}), got {tuple(x.shape)}")
+            self._check_images(x)
             batch, device = x.shape[0], x.device
             if batch_size is not None and batch_size != batch:
-                raise ValueError(f"batch_size={batch_size} but x holds {batch} images")
+                raise UsageError(f"batch_size={batch_size} but x holds {batch} images")
         return self._data_plate(batch, device, num_data)
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        """Shape and dtype always; support and finiteness while Pyro's validation is on
+        (the default; ``fit`` checks its data once and turns validation off per step)."""
+        shape = self.config.image_shape
+        if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            want = ", ".join(map(str, shape))
+            kind = "images" if len(shape) == 3 else "vectors"
+            raise DataError(f"expected {kind} of shape (batch, {want}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise DataError(
+                f"x is {x.dtype}, but the model observes data made for its likelihood: pass "
+                f"pyro_vae.data.preprocess(x, vae.likelihood.preprocessing) (a fresh "
+                f"{self.likelihood.preprocessing} of 8-bit images), or x.float() / 255"
+            )
+        weights = self._a_parameter().dtype
+        if x.dtype != weights:
+            raise DataError(
+                f"x is {x.dtype} but the model's weights are {weights}: pass x.to({weights}) "
+                f"or convert the model (vae.to({x.dtype}))"
+            )
+        if poutine_validation_enabled():
+            self.likelihood.check_data(x)
+
+    def _conditioned_batch(self) -> int:
+        """How many images a z given by ``poutine.condition`` or ``replay`` holds."""
+        for handler in reversed(_PYRO_STACK):
+            value = None
+            if isinstance(handler, ConditionMessenger):
+                data = handler.data
+                if isinstance(data, poutine.Trace):
+                    node = data.nodes.get(self.z_site)
+                    value = None if node is None else node["value"]
+                else:
+                    value = data.get(self.z_site)
+            elif isinstance(handler, ReplayMessenger) and self.z_site in handler.trace.nodes:
+                value = handler.trace.nodes[self.z_site]["value"]
+            if value is not None:
+                return self._latent_batch(torch.as_tensor(value), None)
+        raise UsageError(
+            "with x=None the model needs batch_size (how many images to draw), or a z "
+            f"conditioned at {self.z_site!r}"
+        )
+
+    def _latent_batch(self, z: torch.Tensor, batch: int | None) -> int:
+        """The batch size of a z of shape ``(..., batch, *latent_shape)``, checked."""
+        shape = self.latent.event_shape
+        if z.dim() <= len(shape) or tuple(z.shape[z.dim() - len(shape) :]) != shape:
+            want = ", ".join(map(str, shape))
+            raise UsageError(
+                f"{self.z_site} holds a tensor of shape {tuple(z.shape)}, but the model's z has "
+                f"shape (batch, {want}), with optional leading sample dimensions; for one "
+                f"image use z.unsqueeze(0)"
+            )
+        found = z.shape[z.dim() - len(shape) - 1]
+        if batch is not None and found != batch:
+            raise UsageError(
+                f"{self.z_site} holds {found} images ({tuple(z.shape)}) but the model was "
+                f"called with batch_size={batch}"
+            )
+        return found
+
+    def _check_latent(self, z: torch.Tensor, batch: int) -> None:
+        # a z of the prior's own draw is right by construction; one given from outside is not
+        if z.dim() == len(self.latent.event_shape) + 1 and z.shape[0] == batch:
+            return
+        self._latent_batch(z, batch)
 
     def _latent_scale(self) -> contextlib.AbstractContextManager:
         if self._kl_weight == 1.0:
@@ -203,6 +382,13 @@ class VAE(NamedSites, PyroModule):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """One code per image: the posterior mean."""
         return self.latent.code(self.encoder(x))
+
+    def decoder_distribution(self, z: torch.Tensor) -> dist.TorchDistribution:
+        """p(x | z): the model's likelihood for each code, as a Pyro distribution whose event
+        is one image (the learned Gaussian sigma included). Use it inside your own model, in
+        :meth:`frozen` to keep the fitted decoder fixed. ``z`` is ``(..., batch, *z_shape)``."""
+        self._latent_batch(z, None)
+        return self.likelihood.distribution(self.decoder(z))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The decoder's mean image for each code; any leading dimensions are kept."""
