@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DataError
+from .errors import DataError, UsageError
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -107,19 +108,25 @@ def _download_mnist(root: Path) -> None:
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (LeCun's format for MNIST), gzipped or not, into a numpy array."""
     path = Path(path)
+    # a cut-short download or a bad copy: say which file, and how to get a good one
+    fix = "delete it so that it is downloaded again, or copy an intact one in its place"
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:  # truncated or corrupt gzip
+        raise DataError(f"{path} is damaged ({error}); {fix}") from None
     except OSError as error:
         raise DataError(f"cannot read {path}: {error}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+        raise DataError(f"{path} is not an IDX file of unsigned bytes; {fix}")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated inside its header; {fix}")
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise DataError(f"{path} is truncated: header says {shape}, found {body.size} bytes")
+        raise DataError(f"{path} is truncated: header says {shape}, found {body.size} bytes; {fix}")
     return body.reshape(shape).copy()
 
 
@@ -224,7 +231,7 @@ def preprocess(
         return binarize(images.float() / 255.0, generator)
     if how == "dequantize":
         return dequantize(images, generator)
-    raise ValueError(f"unknown preprocessing {how!r}")
+    raise UsageError(f"unknown preprocessing {how!r}; choose 'binarize' or 'dequantize'")
 
 
 def fixed_preprocess(images: torch.Tensor, how: str, seed: int = TEST_SEED) -> torch.Tensor:
@@ -266,7 +273,8 @@ class TensorBatches:
 
 class LoaderBatches:
     """Mini-batches streamed from a ``Dataset`` through a ``DataLoader`` with workers,
-    for image collections too large to hold in memory."""
+    for image collections too large to hold in memory. Items may be images or tuples
+    whose first element is the image, such as ``(image, label)``."""
 
     def __init__(
         self,
@@ -296,4 +304,6 @@ class LoaderBatches:
             pin_memory=self.device.type == "cuda",
         )
         for batch in loader:
+            if isinstance(batch, (tuple, list)):  # (image, label, ...) items: the image
+                batch = batch[0]
             yield batch.to(self.device, non_blocking=True)

@@ -140,6 +140,54 @@ def loss_curves(history):
     return fig
 
 
+def _observed_rgb(observed: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Observed images as RGB in [0, 1], hidden pixels painted light blue."""
+    observed = observed.detach().float().cpu().clamp(0, 1)
+    rgb = observed.expand(-1, 3, -1, -1) if observed.shape[1] == 1 else observed
+    if mask is None:
+        return rgb
+    known = mask.cpu().bool().expand(observed.shape).all(1, keepdim=True)
+    return torch.where(known, rgb, torch.tensor([0.55, 0.7, 1.0]).view(1, 3, 1, 1))
+
+
+def _restoration_figure(columns: list, std: torch.Tensor, title: str | None = None):
+    """One row per image and one column per ``(images, title)`` in ``columns``, each
+    ``images`` a ``(N, C, H, W)`` batch; the column whose images are ``None`` shows
+    ``std`` (averaged over colour channels) as a heat map, its colour bar beside it."""
+    plt = _plt()
+    spread = std.detach().float().cpu().mean(1).numpy()
+    top = max(spread.max().item(), 1e-8)
+    rows = spread.shape[0]
+    where = next(i for i, (images, _) in enumerate(columns) if images is None)
+    # after the heat map: a thin column for its colour bar, and room for the bar's labels
+    ratios = [1.0] * len(columns)
+    ratios[where + 1 : where + 1] = [0.07, 0.8 if where + 1 < len(columns) else 0.0]
+    cell, header = 1.0, 0.55 + (0.55 if title else 0.0)
+    width, height = cell * sum(ratios) + 0.7, cell * rows * 1.06 + header
+    fig = plt.figure(figsize=(width, height))
+    grid = fig.add_gridspec(
+        rows, len(ratios), width_ratios=ratios, wspace=0.06, hspace=0.06,
+        left=0.01, right=1 - 0.6 / width, bottom=0.01, top=1 - header / height,
+    )  # fmt: skip
+    for k, (images, name) in enumerate(columns):
+        column = k if k <= where else k + 2
+        for i in range(rows):
+            ax = fig.add_subplot(grid[i, column])
+            if images is None:
+                heat = ax.imshow(spread[i], cmap="magma", vmin=0, vmax=top, interpolation="nearest")
+                ax.set_axis_off()
+            else:
+                _show(ax, tile(images[i : i + 1], 1, pad=0))
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    bar = fig.colorbar(heat, cax=fig.add_subplot(grid[:, where + 1]))
+    bar.set_label("std of the draws (grey level, 0 to 1)", fontsize=9)
+    bar.ax.tick_params(labelsize=8)
+    if title:
+        fig.suptitle(title, y=1 - 0.12 / height, va="top", fontsize=11)
+    return fig
+
+
 def inpainting(
     originals: torch.Tensor,
     observed: torch.Tensor,
@@ -153,32 +201,52 @@ def inpainting(
     :param draws: ``(S, N, C, H, W)`` posterior draws, shown side by side.
     :param std: ``(N, C, H, W)`` per-pixel standard deviation of all draws.
     """
-    plt = _plt()
-    grey = observed.detach().float().cpu().clamp(0, 1).mean(1, keepdim=True).expand(-1, 3, -1, -1)
-    known = mask.cpu().bool().expand(observed.shape).all(1, keepdim=True)
-    shown = torch.where(known, grey, torch.tensor([0.55, 0.7, 1.0]).view(1, 3, 1, 1))
-    columns = [(tile(originals, 1), "original"), (tile(shown, 1), "observed\n(blue: hidden)")]
-    columns += [(tile(draw, 1), f"draw {i + 1}") for i, draw in enumerate(draws)]
-    spread = std.detach().float().cpu().mean(1, keepdim=True)
-    spread_array = tile(spread / max(spread.max().item(), 1e-8), 1)
-    spread_array[tile(torch.zeros_like(spread), 1) == 1] = np.nan  # padding shows as blank
-    # a thin last column holds the colour bar, so every panel keeps the same height
-    fig, axes = plt.subplots(
-        1,
-        len(columns) + 2,
-        figsize=(1.2 * (len(columns) + 1) + 0.8, 1.1 * originals.shape[0] + 0.7),
-        gridspec_kw={"width_ratios": [1] * (len(columns) + 1) + [0.08]},
+    columns = [(originals, "original"), (_observed_rgb(observed, mask), "observed\n(blue: hidden)")]
+    columns += [(draw, f"draw {i + 1}") for i, draw in enumerate(draws)]
+    return _restoration_figure([*columns, (None, "uncertainty")], std)
+
+
+def super_resolution(
+    low_res: torch.Tensor,
+    draws: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    originals: torch.Tensor,
+    bilinear: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    noise: float | None = None,
+):
+    """One row per image: the low-resolution input (enlarged, so each of its pixels is a
+    visible block), optionally its bilinear upsampling for comparison, a few posterior
+    draws, the posterior mean, the draws' per-pixel spread, and the original.
+
+    :param low_res: ``(N, C, h, w)`` observed images; ``mask`` (True: known) marks
+        hidden low-resolution pixels, painted blue.
+    :param draws: ``(S, N, C, H, W)`` posterior draws, shown side by side.
+    :param mean: ``(N, C, H, W)`` posterior mean; ``std`` its per-pixel spread.
+    :param originals: ``(N, C, H, W)`` the images the input was made from.
+    :param noise: the std of the noise added to the input, named in the title.
+    """
+    (height, width), (h, w) = originals.shape[-2:], low_res.shape[-2:]
+    factor = height // h
+    blocks = _observed_rgb(low_res, mask).repeat_interleave(factor, -2)
+    blocks = blocks.repeat_interleave(factor, -1)
+    hidden = "" if mask is None else "\nblue: hidden"
+    columns = [(blocks, f"input {h}×{w}\n(enlarged){hidden}")]
+    if bilinear is not None:
+        columns.append((bilinear, "bilinear\nupsampling"))
+    columns += [(draw, f"posterior\ndraw {i + 1}") for i, draw in enumerate(draws)]
+    columns += [
+        (mean, "posterior\nmean"),
+        (None, "uncertainty\n(per pixel)"),
+        (originals, f"original {height}×{width}\n(not seen)"),
+    ]
+    noisy = "" if noise is None else f" plus noise (std {noise:g})"
+    title = (
+        f"Super-resolution ×{factor}: {height}×{width} images inferred from {h}×{w} block "
+        f"averages{noisy},\nwith the VAE's decoder as the prior over images (one row per image)"
     )
-    for ax, (array, title) in zip(axes, columns, strict=False):
-        _show(ax, array, title)
-    image = axes[-2].imshow(spread_array, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
-    axes[-2].set_axis_off()
-    axes[-2].set_title("uncertainty")
-    bar = fig.colorbar(image, cax=axes[-1], ticks=[0, 1])
-    bar.ax.set_yticklabels(["0", f"{spread.max().item():.2f}"])
-    bar.set_label("std of the draws")
-    fig.tight_layout()
-    return fig
+    return _restoration_figure(columns, std, title)
 
 
 def save(fig, path: str | Path, dpi: int = 120) -> Path:

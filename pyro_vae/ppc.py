@@ -33,6 +33,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
+from .errors import DataError, UsageError
 from .evaluate import prepare_held_out
 
 #: pixels brighter than this count as lit (the grey level halfway between black and white).
@@ -129,9 +130,9 @@ def replicate(
     :param seed: seeds every draw; the caller's random state is restored afterwards.
     """
     if num_draws < 1 or batch_size < 1:
-        raise ValueError(f"num_draws and batch_size must be >= 1, got {num_draws}, {batch_size}")
+        raise UsageError(f"num_draws and batch_size must be >= 1, got {num_draws}, {batch_size}")
     if images.shape[0] == 0:
-        raise ValueError("no images to check")
+        raise DataError("no images to check: the held-out set is empty")
     device = next(vae.parameters()).device
     x, _ = prepare_held_out(vae, images.to(device))
     posterior = Predictive(
@@ -252,24 +253,49 @@ def to_inference_data(replicates: Replicates, vae=None) -> az.InferenceData:
     )
 
 
+def _has_density(values: np.ndarray, sets: int) -> bool:
+    """Whether each of ``sets`` data sets in ``values`` holds two distinct finite numbers:
+    what a kernel density estimate needs. ArviZ's ``kde`` returns a 2-point placeholder for
+    a constant set, and ``plot_ppc`` then fails stacking it with the 512-point curves."""
+    values = values.reshape(sets, -1)
+    finite = np.isfinite(values)
+    high = np.where(finite, values, -np.inf).max(-1)
+    low = np.where(finite, values, np.inf).min(-1)
+    return bool((high > low).all())
+
+
 def plot_statistics(idata: az.InferenceData, group: str = "posterior", num_pp_samples: int = 50):
     """ArviZ's ``plot_ppc`` of the per-image statistics and the pixel means: the density of
     the observed values (black) against that of each of ``num_pp_samples`` replicated sets.
 
+    A statistic that is constant in the real images or in any replicated set (no pixel lit
+    in a set of dark images, say) has no density; its panel shows empirical CDFs instead,
+    which exist for any data, so the check draws whatever the model was fitted on.
+
     :param group: "posterior" or "prior" (replicates drawn from the prior predictive).
     """
+    from .plots import _plt  # matplotlib only when a figure is asked for
+
     names = [*IMAGE_STATISTICS, "pixel_mean"]
-    axes = az.plot_ppc(
-        idata,
-        var_names=names,
-        group=group,
-        observed=True,  # ArviZ leaves the data out of prior checks unless asked
-        num_pp_samples=min(num_pp_samples, idata[f"{group}_predictive"].sizes["draw"]),
-        random_seed=0,
-        figsize=(5 * len(names), 4),
-        grid=(1, len(names)),
-    )
-    fig = np.ravel(axes)[0].figure
+    predictive = idata[f"{group}_predictive"]
+    sets = predictive.sizes["chain"] * predictive.sizes["draw"]
+    fig, axes = _plt().subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for name, ax in zip(names, axes[0], strict=True):
+        smooth = _has_density(idata.observed_data[name].values, 1) and _has_density(
+            predictive[name].values, sets
+        )
+        az.plot_ppc(
+            idata,
+            var_names=[name],
+            group=group,
+            kind="kde" if smooth else "cumulative",
+            observed=True,  # ArviZ leaves the data out of prior checks unless asked
+            num_pp_samples=min(num_pp_samples, predictive.sizes["draw"]),
+            random_seed=0,
+            ax=ax,
+        )
+        if not smooth:
+            ax.set_title("constant in some data set: empirical CDFs", fontsize="medium")
     fig.suptitle(f"{group} predictive check: observed (black) vs replicated data sets")
     fig.tight_layout()
     return fig

@@ -264,7 +264,7 @@ class VAE(NamedSites, PyroModule):
                 "the guide encodes observed images, so it needs x; to generate new images "
                 "run the model alone, e.g. vae.model(batch_size=16)"
             )
-        if not self.training and self.latent.relaxed and self._trains_encoder():
+        if not self.training and getattr(self.latent, "relaxed", False) and self._trains_encoder():
             raise UsageError(
                 "this relaxed-categorical VAE is in eval mode, where its codes are exact "
                 "one-hot draws with no reparameterized gradient, so SVI would fail or fall "
@@ -345,9 +345,18 @@ class VAE(NamedSites, PyroModule):
             f"conditioned at {self.z_site!r}"
         )
 
+    @property
+    def _z_shape(self) -> tuple[int, ...]:
+        """The shape of one data point's z (asked of the prior for a latent that does not
+        say it itself)."""
+        shape = getattr(self.latent, "event_shape", None)
+        if shape is None:
+            shape = tuple(self.latent.prior((1,), self._a_parameter()).event_shape)
+        return tuple(shape)
+
     def _latent_batch(self, z: torch.Tensor, batch: int | None) -> int:
         """The batch size of a z of shape ``(..., batch, *latent_shape)``, checked."""
-        shape = self.latent.event_shape
+        shape = self._z_shape
         if z.dim() <= len(shape) or tuple(z.shape[z.dim() - len(shape) :]) != shape:
             want = ", ".join(map(str, shape))
             raise UsageError(
@@ -365,7 +374,7 @@ class VAE(NamedSites, PyroModule):
 
     def _check_latent(self, z: torch.Tensor, batch: int) -> None:
         # a z of the prior's own draw is right by construction; one given from outside is not
-        if z.dim() == len(self.latent.event_shape) + 1 and z.shape[0] == batch:
+        if z.dim() == len(self._z_shape) + 1 and z.shape[0] == batch:
             return
         self._latent_batch(z, batch)
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from pyro_vae.data import ImageFolder, load_mnist, split_folder, stack_dataset
-from pyro_vae.errors import CheckpointError, DataError, TrainingDivergedError
+from pyro_vae.errors import CheckpointError, DataError, TrainingDivergedError, UsageError
 
 #: mistakes a user can make; the scripts report them in one line, without a traceback.
-USER_ERRORS = (DataError, CheckpointError, TrainingDivergedError, ValueError, FileNotFoundError)
+#: Only pyro_vae's own types: a plain ValueError or OSError is a bug to be seen whole.
+USER_ERRORS = (DataError, CheckpointError, TrainingDivergedError, UsageError)
 
 
 def run_main(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> int:
@@ -23,6 +25,38 @@ def run_main(main: Callable[[argparse.Namespace], None], parser: argparse.Argume
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def make_out_dir(path: Path, option: str = "--out") -> Path:
+    """Create the output folder ``path`` (and its parents) if needed, and return it.
+
+    Call it before writing anything: a folder that cannot be made or written to (a file
+    in the way, no permission, a read-only disk) raises :class:`UsageError` naming the
+    path and what to do, which :func:`run_main` prints as one line, instead of an
+    ``OSError`` traceback halfway through a run.
+
+    :param option: the command-line option that chose ``path``, named in the message.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise UsageError(
+            f"{option} {path}: cannot create the folder, {blocker} is a file; "
+            f"choose another {option} or move that file away"
+        ) from None
+    except OSError as error:
+        raise UsageError(
+            f"{option} {path}: cannot create the folder ({error.strerror or error}); "
+            f"choose another {option} where you can write"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"{option} {path}: the folder is not writable (permission denied); "
+            f"choose another {option} where you can write"
+        )
+    return path
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -49,15 +83,25 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 def load_data(args: argparse.Namespace):
     """(train, test) for the chosen data set: uint8 ImageSets for MNIST; for a folder, a
     streamed training Dataset and an in-memory held-out ImageSet (10% of the images)."""
+    if args.num_workers < 0:
+        raise UsageError(
+            f"--num-workers must be 0 (no worker processes) or more, got {args.num_workers}"
+        )
     if args.dataset == "mnist":
         return load_mnist(args.data_dir, "train"), load_mnist(args.data_dir, "test")
     if args.data_dir is None:
         raise DataError("--dataset folder needs --data-dir PATH, the folder of images")
     size = None
     if args.image_size:
-        if len(args.image_size) not in (1, 2):
-            raise ValueError("--image-size takes N or H W")
+        if len(args.image_size) not in (1, 2) or min(args.image_size) < 1:
+            given = " ".join(map(str, args.image_size))
+            raise UsageError(f"--image-size takes N or H W, each at least 1; got {given}")
         size = (args.image_size[0], args.image_size[-1])
     folder = ImageFolder(args.data_dir, grayscale=not args.rgb, size=size)
+    if len(folder) < 2:
+        raise DataError(
+            f"{args.data_dir} holds one image; a folder needs at least 2, since one in ten "
+            "(at least one) is held out to test the model"
+        )
     train, test = split_folder(folder)
     return train, stack_dataset(test)

@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 
 import torch
-from _cli import add_data_args, load_data
+from _cli import add_data_args, load_data, make_out_dir
 
 from pyro_vae import load_vae, plots
 from pyro_vae.data import ImageSet, stack_dataset
-from pyro_vae.errors import DataError
+from pyro_vae.errors import DataError, UsageError
 from pyro_vae.tokenizer import codebook_usage, tokenize_images
 from pyro_vae.train import resolve_device
 
@@ -43,10 +43,26 @@ def main(args: argparse.Namespace) -> None:
     for name in ("limit", "count", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.out.is_dir():
+        raise UsageError(
+            f"--out {args.out} is a folder; tokenize.py writes one file: "
+            f"name it, e.g. --out {args.out / ('grid.png' if args.decode else 'tokens.pt')}"
+        )
+    if args.decode is not None:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        suffix = args.out.suffix.lower().lstrip(".")
+        if suffix and suffix not in formats:  # no suffix: matplotlib writes a .png
+            raise UsageError(
+                f"--out {args.out}: --decode writes a picture; end the name with one of "
+                f"{', '.join('.' + f for f in sorted(formats))}"
+            )
+    make_out_dir(args.out.parent)  # before the work, so a bad --out fails at once
     vae = load_vae(args.checkpoint, resolve_device(args.device))
     if vae.config.latent != "relaxed-categorical":
-        raise ValueError(
+        raise UsageError(
             f"{args.checkpoint} holds a VAE with latent {vae.config.latent!r}; "
             "tokens need latent 'relaxed-categorical'"
         )
@@ -75,7 +91,6 @@ def encode(vae, args: argparse.Namespace) -> None:
     }
     if images.labels is not None:
         record["labels"] = images.labels
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(record, args.out)
     grid = " x ".join(map(str, tokens.shape[1:]))
     print(

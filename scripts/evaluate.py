@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
-from _cli import add_data_args, load_data, run_main
+from _cli import add_data_args, load_data, make_out_dir, run_main
 
 from pyro_vae import plots
 from pyro_vae.checkpoint import load_checkpoint, load_vae
+from pyro_vae.errors import UsageError
 from pyro_vae.evaluate import evaluate_vae, kl_per_unit, prepare_held_out
 from pyro_vae.train import History, resolve_device
 
@@ -52,13 +53,13 @@ def main(args: argparse.Namespace) -> None:
     for name in ("particles", "limit", "batch_size", "particle_chunk", "elbo_particles"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     device = resolve_device(args.device)
     vae = load_vae(args.checkpoint, map_location=device)
     _, test = load_data(args)
     test = test.head(args.limit)
     out = args.out or args.checkpoint.parent
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     result = evaluate_vae(
         vae,
         test.images,
@@ -97,11 +98,12 @@ def write_pictures(out: Path, vae, test) -> list[str]:
         codes = vae.encode(x)
         plots.save(plots.latent_scatter(codes, labels), out / "latent_scatter.png")
         written.append("latent_scatter.png")
-        plots.save(
-            plots.interpolation(vae.decode, codes[0], codes[1], x[0], x[1]),
-            out / "interpolation.png",
-        )
-        written.append("interpolation.png")
+        if x.shape[0] >= 2:  # an interpolation needs two images (--limit 1 gives one)
+            plots.save(
+                plots.interpolation(vae.decode, codes[0], codes[1], x[0], x[1]),
+                out / "interpolation.png",
+            )
+            written.append("interpolation.png")
         if codes.dim() == 2:  # one vector per image: coordinates can be varied one at a time
             order = kl_per_unit(vae, x).mean(0).argsort(descending=True)
             plots.save(

@@ -13,13 +13,14 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import pyro
 import torch
-from _cli import add_data_args, load_data, run_main
+from _cli import add_data_args, load_data, make_out_dir, run_main
 
 from pyro_vae import VAE, VAEConfig, fit, plots
 from pyro_vae.config import ARCHS, GAUSSIAN_SIGMAS, LATENTS, LIKELIHOODS
 from pyro_vae.data import ImageSet, fixed_preprocess
-from pyro_vae.errors import CheckpointError, TrainingDivergedError
+from pyro_vae.errors import CheckpointError, TrainingDivergedError, UsageError
 from pyro_vae.evaluate import bits_per_dim
 from pyro_vae.tokenizer import discrete_metrics
 from pyro_vae.train import ELBOS, TEMPERATURE_SCHEDULES, resolve_device
@@ -85,8 +86,12 @@ def parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "limit", "test_limit", "latent_dim", "hidden"):
         value = getattr(args, name)
-        if value is not None and value < (0 if name == "epochs" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if value is not None and value < 1:  # fit() trains at least one epoch
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.iwae_particles < 0:
+        raise UsageError(
+            f"--iwae-particles must be 0 (no bound) or more, got {args.iwae_particles}"
+        )
     out = args.out or Path("runs") / f"{args.likelihood}-{args.arch}"
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists() and not args.resume:
@@ -106,11 +111,12 @@ def main(args: argparse.Namespace) -> None:
     options = {f.name: getattr(args, f.name) for f in fields(VAEConfig) if f.name in vars(args)}
     config = VAEConfig(image_shape=tuple(test.shape[1:]), **options)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
     (out / "config.json").write_text(
         json.dumps({"model": config.to_dict(), "args": settings}, indent=2)
     )
 
+    pyro.set_rng_seed(args.seed)  # before the VAE: its initial weights are random too
     vae = VAE(config)
     try:
         history = fit(

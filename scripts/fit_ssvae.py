@@ -20,12 +20,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from _cli import run_main
+from _cli import make_out_dir, run_main
 
 from pyro_vae import load_vae
 from pyro_vae.config import LIKELIHOODS, VAEConfig
 from pyro_vae.data import load_mnist
-from pyro_vae.errors import CheckpointError
+from pyro_vae.errors import CheckpointError, UsageError
 from pyro_vae.ssvae import SSVAE, active_code_dims, balanced_labels, fit_ssvae
 from pyro_vae.train import resolve_device
 
@@ -75,16 +75,16 @@ def main(args: argparse.Namespace) -> None:
     for name in ("labels_per_class", "epochs", "batch_size", "limit", "test_limit"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "epochs" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     checkpoint = args.out / "checkpoint.pt"
     if checkpoint.exists():
         raise CheckpointError(f"{args.out} already holds a run; choose another --out")
     if args.all_codes and args.base is None:
-        raise ValueError("--all-codes chooses the codes of a --base VAE; pass --base too")
+        raise UsageError("--all-codes chooses the codes of a --base VAE; pass --base too")
     base = None
     if args.base is not None:
         if args.likelihood not in (None, "gaussian"):
-            raise ValueError("with --base, M2 models continuous codes: --likelihood gaussian")
+            raise UsageError("with --base, M2 models continuous codes: --likelihood gaussian")
         base = load_vae(args.base)
     device = resolve_device(args.device)
     train = load_mnist(args.data_dir, "train").head(args.limit)
@@ -108,7 +108,7 @@ def main(args: argparse.Namespace) -> None:
     if base is not None:
         size = base.config.latent_dim
         print(f"M2 models {len(ssvae.code_dims)} of the base's {size} code dimensions")
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(args.out)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / "config.json").write_text(
         json.dumps({"model": config.to_dict(), "args": settings}, indent=2)

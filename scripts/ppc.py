@@ -11,10 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from _cli import add_data_args, load_data, run_main
+from _cli import add_data_args, load_data, make_out_dir, run_main
 
 from pyro_vae import plots, ppc
 from pyro_vae.checkpoint import load_vae
+from pyro_vae.errors import UsageError
 from pyro_vae.train import resolve_device
 
 #: how many held-out images the image grids show, and how many replicate rows.
@@ -39,19 +40,18 @@ def parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     for name in ("images", "draws", "batch_size"):
         if getattr(args, name) < 1:
-            raise ValueError(
+            raise UsageError(
                 f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
             )
     vae = load_vae(args.checkpoint, map_location=resolve_device(args.device))
     _, test = load_data(args)
     images = test.head(args.images).images
-    out = args.out or args.checkpoint.parent / "ppc"
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_out_dir(args.out or args.checkpoint.parent / "ppc")
 
+    # everything is computed before the first file is written: a failure leaves no half set
     draws = ppc.replicate(vae, images, args.draws, batch_size=args.batch_size, seed=args.seed)
     checks = ppc.check(draws)
     idata = ppc.to_inference_data(draws, vae)
-    idata.to_netcdf(str(out / "ppc.nc"))
     summary = {
         "checkpoint": str(args.checkpoint),
         "images": draws.observed.shape[0],
@@ -60,26 +60,25 @@ def main(args: argparse.Namespace) -> None:
         "likelihood": vae.config.likelihood,
         "statistics": {name: c.summary() for name, c in checks.items()},
     }
-    (out / "ppc.json").write_text(json.dumps(summary, indent=2))
-
-    plots.save(ppc.plot_statistics(idata, "posterior"), out / "ppc_statistics.png")
-    plots.save(ppc.plot_statistics(idata, "prior"), out / "prior_predictive_statistics.png")
     n, s = min(GRID_IMAGES, draws.observed.shape[0]), min(GRID_DRAWS, draws.num_draws)
-    plots.save(
-        plots.replicate_grid(draws.observed[:n], draws.replicated[:s, :n]), out / "replicates.png"
-    )
-    plots.save(
-        plots.image_grid(
+    loglik = checks["log_likelihood"]
+    figures = {
+        "ppc_statistics.png": ppc.plot_statistics(idata, "posterior"),
+        "prior_predictive_statistics.png": ppc.plot_statistics(idata, "prior"),
+        "replicates.png": plots.replicate_grid(draws.observed[:n], draws.replicated[:s, :n]),
+        "prior_predictive.png": plots.image_grid(
             draws.prior_replicated[0, :64], "prior predictive draws (z ~ p(z), x ~ p(x | z))"
         ),
-        out / "prior_predictive.png",
-    )
-    loglik = checks["log_likelihood"]
-    plots.save(
-        plots.discrepancy_scatter(loglik.observed, loglik.replicated, loglik.p_value),
-        out / "loglik_discrepancy.png",
-    )
-    plots.save(plots.p_value_map(checks["pixel_mean"].p_values), out / "pixel_p_values.png")
+        "loglik_discrepancy.png": plots.discrepancy_scatter(
+            loglik.observed, loglik.replicated, loglik.p_value
+        ),
+        "pixel_p_values.png": plots.p_value_map(checks["pixel_mean"].p_values),
+    }
+
+    idata.to_netcdf(str(out / "ppc.nc"))
+    (out / "ppc.json").write_text(json.dumps(summary, indent=2))
+    for name, figure in figures.items():
+        plots.save(figure, out / name)
 
     width = max(map(len, checks))
     print(f"{'statistic':<{width}}  p-value  median p  extreme share  (observed vs replicated)")
@@ -90,10 +89,7 @@ def main(args: argparse.Namespace) -> None:
             f"{row['extreme_fraction']:13.3f}  ({row['observed_mean']:.4g} vs "
             f"{row['replicated_mean']:.4g})"
         )
-    print(
-        f"wrote {out}/: ppc.nc ppc.json ppc_statistics.png prior_predictive_statistics.png "
-        "replicates.png prior_predictive.png loglik_discrepancy.png pixel_p_values.png"
-    )
+    print(f"wrote {out}/: ppc.nc ppc.json {' '.join(figures)}")
 
 
 if __name__ == "__main__":

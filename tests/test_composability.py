@@ -60,7 +60,10 @@ def test_guide_has_the_recipes():
     headings = [heading for heading, _ in RECIPES]
     for recipe in ("condition", "replay", "scale", "block", "Predictive", "Importance", "Jit"):
         assert any(recipe in heading for heading in headings), recipe
-    for recipe in ("Two VAEs", "Inpainting", "NUTS", "Denoising", "semi-supervised"):
+    for recipe in ("Two VAEs", "Inpainting", "NUTS", "Denoising", "Super-resolution"):
+        assert any(recipe in heading for heading in headings), recipe
+    assert any("semi-supervised" in heading for heading in headings)
+    for recipe in ("param store rule", "frozen prior"):
         assert any(recipe in heading for heading in headings), recipe
 
 
