@@ -89,9 +89,7 @@ def check_config(saved: VAEConfig, wanted: VAEConfig, path: str | Path) -> None:
         raise CheckpointError(f"{path} does not match the model ({'; '.join(diffs)})")
 
 
-def load_vae(
-    path: str | Path, map_location: str | torch.device = "cpu", name: str | None = None
-):
+def load_vae(path: str | Path, map_location: str | torch.device = "cpu", name: str | None = None):
     """Rebuild the VAE stored in a checkpoint, with its trained weights, in eval mode.
 
     :param name: a new ``config.name`` (the prefix of its Pyro sites and parameters), so

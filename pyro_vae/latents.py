@@ -15,6 +15,7 @@ from torch.distributions import kl_divergence, register_kl
 
 from .config import VAEConfig
 from .errors import UsageError
+from .likelihoods import full_precision
 
 #: the smallest posterior standard deviation: softplus alone underflows to exactly 0.
 MIN_SCALE = 1e-5
@@ -45,7 +46,7 @@ class GaussianLatent:
 
     def posterior(self, encoded: torch.Tensor) -> dist.TorchDistribution:
         """q(z | x) from the encoder output ``(..., 2 * dim)``."""
-        loc, raw_scale = encoded.split(self.dim, dim=-1)
+        loc, raw_scale = full_precision(encoded).split(self.dim, dim=-1)
         return dist.Normal(loc, F.softplus(raw_scale) + MIN_SCALE).to_event(1)
 
     def code(self, encoded: torch.Tensor) -> torch.Tensor:
@@ -155,22 +156,41 @@ class CategoricalLatent(nn.Module):
         """Number of distinct values each code takes (K)."""
         return self.classes
 
-    def _relaxed(self, logits: torch.Tensor) -> dist.TorchDistribution:
+    def _relaxed(
+        self, logits: torch.Tensor, temperature: torch.Tensor | float | None = None
+    ) -> dist.TorchDistribution:
         family = RelaxedCategoricalStraightThrough if self.straight_through else RelaxedCategorical
-        temperature = logits.new_tensor(self.temperature)
+        if temperature is None:
+            temperature = self.temperature
+        # a tensor passes through as it is (no copy), so compiled code sees it as an input
+        temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
         return family(temperature, logits=logits).to_event(len(self.code_shape))
 
-    def prior(self, batch_shape: torch.Size, like: torch.Tensor) -> dist.TorchDistribution:
-        """Uniform over the K classes of every code, for ``batch_shape`` data points."""
+    def prior(
+        self,
+        batch_shape: torch.Size,
+        like: torch.Tensor,
+        temperature: torch.Tensor | float | None = None,
+    ) -> dist.TorchDistribution:
+        """Uniform over the K classes of every code, for ``batch_shape`` data points.
+
+        :param temperature: of the relaxation in training mode; :attr:`temperature` if None.
+        """
         logits = like.new_zeros(()).expand((*batch_shape, *self.code_shape, self.classes))
         if self.training:
-            return self._relaxed(logits)
+            return self._relaxed(logits, temperature)
         return dist.OneHotCategorical(logits=logits).to_event(len(self.code_shape))
 
-    def posterior(self, encoded: torch.Tensor) -> dist.TorchDistribution:
-        """q(z | x) from the encoder's logits ``(..., *code_shape, classes)``."""
+    def posterior(
+        self, encoded: torch.Tensor, temperature: torch.Tensor | float | None = None
+    ) -> dist.TorchDistribution:
+        """q(z | x) from the encoder's logits ``(..., *code_shape, classes)``.
+
+        :param temperature: of the relaxation in training mode; :attr:`temperature` if None.
+        """
+        encoded = full_precision(encoded)
         if self.training:
-            return self._relaxed(encoded)
+            return self._relaxed(encoded, temperature)
         return dist.OneHotCategorical(logits=encoded).to_event(len(self.code_shape))
 
     def code(self, encoded: torch.Tensor) -> torch.Tensor:

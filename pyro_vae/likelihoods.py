@@ -85,7 +85,7 @@ class BernoulliLikelihood(Likelihood):
     preprocessing = "binarize"
 
     def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
-        return BernoulliImage(params, self.event_dims)
+        return BernoulliImage(full_precision(params), self.event_dims)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params)
@@ -103,7 +103,7 @@ class ContinuousBernoulliLikelihood(Likelihood):
     """The normalized continuous Bernoulli on [0, 1] (Loaiza-Ganem & Cunningham, 2019)."""
 
     def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
-        return dist.ContinuousBernoulli(logits=params).to_event(self.event_dims)
+        return dist.ContinuousBernoulli(logits=full_precision(params)).to_event(self.event_dims)
 
     def check_data(self, x: torch.Tensor) -> None:
         super().check_data(x)
@@ -149,10 +149,20 @@ class GaussianLikelihood(Likelihood):
         return self.floor + F.softplus(self.raw_sigma)
 
     def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
+        params = full_precision(params)
         return dist.Normal(params, self.sigma.to(params.dtype)).to_event(self.event_dims)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return params
+
+
+def full_precision(params: torch.Tensor) -> torch.Tensor:
+    """Half-precision network outputs (under mixed-precision autocast) as float32, so that
+    log-densities and KL terms are summed over hundreds of pixels in float32; other
+    dtypes pass as they are."""
+    if params.dtype in (torch.float16, torch.bfloat16):
+        return params.float()
+    return params
 
 
 def _inverse_softplus(y: float) -> float:

@@ -31,6 +31,7 @@ from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import is_validation_enabled as poutine_validation_enabled
+from torch.distributions import kl_divergence
 
 from .config import VAEConfig
 from .errors import DataError, UsageError
@@ -69,6 +70,7 @@ def pyro_program(fn: _Program) -> _Program:
         self._claim_param_store()
         return with_pyro(self, *args, **kwargs)
 
+    program.body = fn  # what NamedSites.programs() runs
     return program  # type: ignore[return-value]
 
 
@@ -81,6 +83,24 @@ class NamedSites:
     decoder: torch.nn.Module
     _frozen: bool = False
     _warned_store: bool = False
+
+    @property
+    def is_frozen(self) -> bool:
+        """Whether the model is inside :meth:`frozen` (and so must not be trained)."""
+        return self._frozen
+
+    def programs(self) -> tuple[Callable, Callable]:
+        """``(model, guide)`` that sample the same sites with the same densities as
+        :meth:`model` and :meth:`guide` but leave Pyro's param store alone: for a loop that
+        optimizes ``self.parameters()`` itself (``fit`` does), registering every weight
+        as a Pyro param on every call would only cost time (about 0.5 ms a step)."""
+        return self._program("model"), self._program("guide")
+
+    def _program(self, name: str) -> Callable:
+        method = getattr(type(self), name)
+        body = getattr(method, "body", None)
+        # a subclass may override with a plain method or pyro_method; run it as it is
+        return functools.partial(body, self) if body is not None else getattr(self, name)
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
@@ -217,6 +237,12 @@ class VAE(NamedSites, PyroModule):
             self._kl_weight = previous
 
     # ----------------------------------------------------------------- Pyro programs
+    def _program(self, name: str) -> Callable:
+        if name == "model" and type(self).model is VAE.model:
+            # the ELBO ignores the model's return value: skip computing the mean image
+            return functools.partial(VAE._model_body, self)
+        return super()._program(name)
+
     @pyro_program
     def model(
         self,
@@ -399,6 +425,77 @@ class VAE(NamedSites, PyroModule):
         self._latent_batch(z, None)
         return self.likelihood.distribution(self.decoder(z))
 
+    def elbo_loss(
+        self,
+        x: torch.Tensor,
+        *,
+        num_data: int | None = None,
+        analytic_kl: bool = False,
+        kl_weight: torch.Tensor | float | None = None,
+        temperature: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """The negative ELBO estimate of a batch, differentiable, computed straight from the
+        distributions that :meth:`guide` and :meth:`model` sample and score, with no Pyro
+        tracing: the loss that ``Trace_ELBO().differentiable_loss(vae.model, vae.guide, x,
+        num_data=num_data)`` returns (``TraceMeanField_ELBO``'s with ``analytic_kl``), in
+        value and gradient, from the same random draw. :mod:`pyro_vae.fused` offers it to
+        ``SVI`` as an ELBO class; a training loop may call it directly.
+
+        As Pyro does, it draws one ``z ~ q(z | x)`` (the guide, run first), then scores it
+        under the prior and ``x`` under the decoder's likelihood (the model, which draws
+        nothing); every log-density of the batch is scaled by ``num_data / batch`` (the data
+        plate), and those of z by the KL weight too (the scale of the latent site). Tracing
+        a model and a guide costs a fixed amount of Python per step, which dominates a step
+        on a GPU; here only the networks and the densities run.
+
+        :param x: a batch of observed images (or vectors), as for :meth:`model`.
+        :param num_data: size of the data set the batch is a subsample of (default: the batch).
+        :param analytic_kl: subtract the KL divergence of q(z | x) from p(z) in closed form
+            instead of the single-sample log-density ratio (``TraceMeanField_ELBO``'s
+            estimator); for the relaxed-categorical latent this is the KL of the categorical
+            codes (:class:`~pyro_vae.latents.RelaxedCategorical`).
+        :param kl_weight: scale of the latent terms (beta, warm-up); by default the weight
+            set by :meth:`kl_weight`. Pass a tensor under ``torch.compile``: a Python float
+            that changes from step to step would be compiled in as a constant, again and again.
+        :param temperature: Concrete temperature of a relaxed-categorical latent; by default
+            ``vae.latent.temperature``; a tensor under ``torch.compile``, as ``kl_weight``.
+            Ignored by latents without one.
+        :raises UsageError: for a relaxed-categorical VAE in eval mode, whose exact one-hot
+            codes have no reparameterized gradient: call ``vae.train()`` first, or score the
+            discrete model through Pyro (:func:`pyro_vae.elbo`).
+        """
+        self._check_images(x)
+        latent = self.latent
+        if getattr(latent, "relaxed", False) and not self.training:
+            raise UsageError(
+                "elbo_loss reparameterizes through z, but this relaxed-categorical VAE is in "
+                "eval mode, where its codes are exact one-hot draws; call vae.train() to "
+                "train it, or score the discrete model with Pyro (pyro_vae.elbo, Trace_ELBO)"
+            )
+        batch = x.shape[0]
+        size = batch if num_data is None else int(num_data)
+        if size < batch:
+            raise ValueError(f"num_data={size} is smaller than the batch of {batch} images")
+        weight = self._kl_weight if kl_weight is None else kl_weight
+        # Each site's scale as Pyro builds it: the latent scale, then the plate's size / batch
+        # (multiplied in that order, so that Python floats round alike).
+        z_scale = weight * size / batch
+        x_scale = 1.0 * size / batch
+        relax = {}
+        if temperature is not None and hasattr(latent, "temperature"):
+            relax["temperature"] = temperature
+        q = latent.posterior(self.encoder(x), **relax)
+        # the one draw of a step, as the guide's sample statement makes it. Scoring must see
+        # this very tensor: a straight-through code carries the relaxed sample it came from.
+        z = q.rsample()
+        p = latent.prior(torch.Size((batch,)), x, **relax)
+        log_lik = _scaled(self.likelihood.distribution(self.decoder(z)).log_prob(x), x_scale)
+        if analytic_kl:
+            kl = _scaled(kl_divergence(q, p), z_scale).sum()
+            return -(-kl + log_lik.sum())
+        log_ratio = _scaled(p.log_prob(z), z_scale).sum() + log_lik.sum()
+        return -(log_ratio - _scaled(q.log_prob(z), z_scale).sum())
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The decoder's mean image for each code; any leading dimensions are kept."""
         return self.likelihood.mean(self.decoder(z))
@@ -431,3 +528,10 @@ class VAE(NamedSites, PyroModule):
                 "train one with latent 'relaxed-categorical'"
             )
         return self.latent
+
+
+def _scaled(log_density: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """``log_density * scale``, skipping the product for a scale of exactly 1 as Pyro does."""
+    if not isinstance(scale, torch.Tensor) and scale == 1.0:
+        return log_density
+    return log_density * scale

@@ -1,0 +1,505 @@
+"""The fused ELBO is Pyro's estimator: equal losses and gradients from the same random state,
+for every configuration of the VAE; every other program goes through Pyro unchanged."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+
+from pyro_vae import VAE, DataError, UsageError
+from pyro_vae.fused import FusedTrace_ELBO, FusedTraceMeanField_ELBO
+from pyro_vae.ssvae import SSVAE
+
+#: (fused, Pyro's) pairs; the id says which estimator
+ESTIMATORS = {
+    "trace": (FusedTrace_ELBO, Trace_ELBO),
+    "meanfield": (FusedTraceMeanField_ELBO, TraceMeanField_ELBO),
+}
+LATENTS = {
+    "gaussian": {"latent": "gaussian"},
+    "relaxed": {"latent": "relaxed-categorical"},
+    "straight-through": {"latent": "relaxed-categorical", "straight_through": True},
+}
+LIKELIHOODS = {
+    "bernoulli": {"likelihood": "bernoulli"},
+    "continuous-bernoulli": {"likelihood": "continuous-bernoulli"},
+    "gaussian-shared": {"likelihood": "gaussian", "gaussian_sigma": "shared"},
+    "gaussian-pixel": {"likelihood": "gaussian", "gaussian_sigma": "pixel"},
+    "gaussian-fixed": {"likelihood": "gaussian", "gaussian_sigma": "fixed"},
+}
+#: conv with the relaxed-categorical latent is a 2 x 2 grid of codes on these images
+SHAPES = {
+    "mlp": {"arch": "mlp", "image_shape": (1, 8, 8)},
+    "conv": {"arch": "conv", "image_shape": (1, 8, 8), "channels": 4},
+    "vectors": {"arch": "mlp", "image_shape": (5,)},
+}
+BATCH, NUM_DATA = 6, 50  # a subsample: every log-density is scaled by 50 / 6
+KL_WEIGHT, TEMPERATURE = 0.3, 0.7
+
+
+def tiny_vae(**kwargs) -> VAE:
+    vae = VAE(hidden=16, latent_dim=3, groups=2, classes=3, **kwargs)
+    if vae.latent.relaxed:
+        vae.latent.temperature = TEMPERATURE
+    return vae.train()
+
+
+def data_for(vae: VAE, batch: int = BATCH) -> torch.Tensor:
+    """Data in the support of the VAE's likelihood: binary for Bernoulli, else [0, 1]."""
+    x = torch.rand(batch, *vae.config.image_shape)
+    return x.round() if vae.config.likelihood == "bernoulli" else x
+
+
+def loss_and_grads(vae: VAE, compute: Callable[[], torch.Tensor], seed: int = 7):
+    """The loss from a known random state, and the gradient of every parameter of ``vae``."""
+    pyro.set_rng_seed(seed)
+    loss = compute()
+    params = [p for p in vae.parameters() if p.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+def assert_same(fused, pyro_route) -> None:
+    """Equal losses, and equal gradients of every parameter, to float32 rounding."""
+    (loss, grads), (expected, expected_grads) = fused, pyro_route
+    # Pyro adds the sites' sums as Python floats (double) and rounds once; the fused loss
+    # adds them in float32: a few units in the last place of the largest term (tens to
+    # thousands of nats here) apart, which the absolute tolerance allows when terms cancel
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-4)
+    assert len(grads) == len(expected_grads)
+    for grad, want in zip(grads, expected_grads, strict=True):
+        # rounding in a sum reaches every entry alike, so the tolerance follows the largest
+        atol = 1e-6 * float(want.abs().max()) + 1e-12
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=atol)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These nets are tiny: with two or more threads, OpenMP's hand-offs cost more than the
+    arithmetic, and on a busy machine (other jobs on the cores) a test takes seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """Counts the calls of ``VAE.elbo_loss``, the fused route."""
+    calls = []
+    original = VAE.elbo_loss
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("analytic_kl"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, "elbo_loss", counted)
+    return calls
+
+
+@pytest.fixture
+def no_fused(monkeypatch) -> None:
+    """Fails a test in which the fused route runs."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the fused loss ran, where Pyro's ELBO should have")
+
+    monkeypatch.setattr(VAE, "elbo_loss", refuse)
+
+
+# ----------------------------------------------------------------- same estimator
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("latent", LATENTS)
+def test_fused_loss_and_gradients_equal_pyros(latent, likelihood, shape, estimator, fused_calls):
+    """For every latent x likelihood x architecture, under subsampling, a KL weight of 0.3
+    and a temperature of 0.7: Pyro's ELBO, the fused ELBO class, and ``vae.elbo_loss``
+    with the weight and temperature passed as tensors give one loss and one gradient."""
+    vae = tiny_vae(**LATENTS[latent], **LIKELIHOODS[likelihood], **SHAPES[shape])
+    x = data_for(vae)
+    fused_elbo, pyro_elbo = ESTIMATORS[estimator]
+    with vae.kl_weight(KL_WEIGHT):
+        expected = loss_and_grads(
+            vae, lambda: pyro_elbo().differentiable_loss(vae.model, vae.guide, x, num_data=NUM_DATA)
+        )
+        assert not fused_calls
+        fused = loss_and_grads(
+            vae,
+            lambda: fused_elbo().differentiable_loss(vae.model, vae.guide, x, num_data=NUM_DATA),
+        )
+    assert fused_calls == [estimator == "meanfield"]
+    assert_same(fused, expected)
+
+    # the weight and temperature as tensors, as compiled code sees them; the defaults they
+    # replace are set to other values, so the result shows that the tensors were used
+    if vae.latent.relaxed:
+        vae.latent.temperature = 1.0
+    direct = loss_and_grads(
+        vae,
+        lambda: vae.elbo_loss(
+            x,
+            num_data=NUM_DATA,
+            analytic_kl=estimator == "meanfield",
+            kl_weight=torch.tensor(KL_WEIGHT),
+            temperature=torch.tensor(TEMPERATURE),
+        ),
+    )
+    assert_same(direct, expected)
+
+
+@pytest.mark.mnist
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_fused_equals_pyro_on_mnist_digits(mnist_test, estimator):
+    """MNIST-sized images through the default MLP (narrower), scaled to 60,000 images."""
+    vae = VAE(hidden=32, latent_dim=8).train()
+    x = (mnist_test.images[:16].float() / 255 > 0.5).float()
+    fused_elbo, pyro_elbo = ESTIMATORS[estimator]
+    expected = loss_and_grads(
+        vae, lambda: pyro_elbo().differentiable_loss(vae.model, vae.guide, x, num_data=60000)
+    )
+    fused = loss_and_grads(
+        vae, lambda: fused_elbo().differentiable_loss(vae.model, vae.guide, x, num_data=60000)
+    )
+    assert_same(fused, expected)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("latent", LATENTS)
+def test_loss_and_loss_and_grads_equal_pyros(latent, estimator, fused_calls):
+    """``loss`` gives Pyro's float; ``loss_and_grads`` its float and its ``.grad``s."""
+    vae = tiny_vae(**LATENTS[latent], likelihood="gaussian")
+    x = data_for(vae)
+    fused_elbo, pyro_elbo = ESTIMATORS[estimator]
+    results = []
+    for elbo in (pyro_elbo(), fused_elbo()):
+        pyro.set_rng_seed(3)
+        value = elbo.loss(vae.model, vae.guide, x, num_data=NUM_DATA)
+        vae.zero_grad(set_to_none=True)
+        pyro.set_rng_seed(3)
+        stepped = elbo.loss_and_grads(vae.model, vae.guide, x, num_data=NUM_DATA)
+        results.append((value, stepped, [p.grad.clone() for p in vae.parameters()]))
+    assert len(fused_calls) == 2
+    (value, stepped, grads), (want, want_stepped, want_grads) = results[1], results[0]
+    assert isinstance(value, float) and isinstance(stepped, float)
+    assert value == pytest.approx(want, rel=1e-6)
+    assert stepped == pytest.approx(want_stepped, rel=1e-6)
+    assert_same((torch.tensor(stepped), grads), (torch.tensor(want_stepped), want_grads))
+
+
+def test_elbo_loss_uses_the_kl_weight_of_the_context_and_checks_its_input():
+    vae = tiny_vae(image_shape=(1, 8, 8))
+    x = data_for(vae)
+    with vae.kl_weight(0.25):
+        pyro.set_rng_seed(1)
+        in_context = vae.elbo_loss(x, num_data=NUM_DATA)
+    pyro.set_rng_seed(1)
+    passed = vae.elbo_loss(x, num_data=NUM_DATA, kl_weight=0.25)
+    pyro.set_rng_seed(1)
+    unweighted = vae.elbo_loss(x, num_data=NUM_DATA)
+    assert in_context == passed != unweighted
+    with pytest.raises(ValueError, match="smaller than the batch"):
+        vae.elbo_loss(x, num_data=BATCH - 1)
+    with pytest.raises(DataError, match="expected images of shape"):
+        vae.elbo_loss(x[:, 0])
+
+
+def test_elbo_loss_refuses_a_relaxed_latent_in_eval_mode():
+    """Eval-mode codes are exact one-hot draws: no reparameterized gradient to fuse."""
+    vae = tiny_vae(latent="relaxed-categorical", image_shape=(1, 8, 8)).eval()
+    with pytest.raises(UsageError, match="eval mode"):
+        vae.elbo_loss(data_for(vae))
+
+
+def test_eval_mode_gaussian_is_fused_too(fused_calls):
+    vae = tiny_vae(image_shape=(1, 8, 8)).eval()
+    x = data_for(vae)
+    expected = loss_and_grads(
+        vae, lambda: Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    )
+    fused = loss_and_grads(
+        vae, lambda: FusedTrace_ELBO().differentiable_loss(vae.model, vae.guide, x)
+    )
+    assert len(fused_calls) == 1
+    assert_same(fused, expected)
+
+
+# ----------------------------------------------------------------- Pyro's route unchanged
+class HalfLikelihood(VAE):
+    """A subclass with a model of its own (a tempered likelihood)."""
+
+    def model(self, x=None, *, num_data=None, batch_size=None):
+        with poutine.scale(scale=0.5):
+            return super().model(x, num_data=num_data, batch_size=batch_size)
+
+
+class OwnBody(VAE):
+    """A subclass that changes the sample statements the model runs."""
+
+    def _model_body(self, x=None, *, num_data=None, batch_size=None):
+        with poutine.scale(scale=2.0):
+            return super()._model_body(x, num_data=num_data, batch_size=batch_size)
+
+
+def doubled(elbo_class: type) -> type:
+    """``elbo_class`` with an objective of its own: twice its ELBO."""
+    pyro_class = TraceMeanField_ELBO if issubclass(elbo_class, TraceMeanField_ELBO) else Trace_ELBO
+
+    def particle(self, model_trace, guide_trace):
+        loss, surrogate = pyro_class._differentiable_loss_particle(self, model_trace, guide_trace)
+        return 2 * loss, 2 * surrogate
+
+    return type(
+        f"Doubled{elbo_class.__name__}", (elbo_class,), {"_differentiable_loss_particle": particle}
+    )
+
+
+@dataclass
+class Program:
+    """A call of an ELBO method: model, guide and their arguments, the ELBO's own
+    arguments, the class it is (made from the estimator's fused or Pyro class), and a
+    context to run in."""
+
+    model: Callable
+    guide: Callable
+    args: tuple
+    kwargs: dict = field(default_factory=lambda: {"num_data": NUM_DATA})
+    elbo_kwargs: dict = field(default_factory=dict)
+    elbo_class: Callable[[type], type] = lambda cls: cls
+    context: Callable = contextlib.nullcontext
+
+
+def small_vae(cls: type = VAE, **kwargs) -> tuple[VAE, torch.Tensor]:
+    vae = cls(hidden=16, latent_dim=3, image_shape=(1, 8, 8), **kwargs).train()
+    return vae, data_for(vae)
+
+
+def subclass_model() -> Program:
+    vae, x = small_vae(HalfLikelihood)
+    return Program(vae.model, vae.guide, (x,))
+
+
+def subclass_body() -> Program:
+    vae, x = small_vae(OwnBody)
+    return Program(vae.model, vae.guide, (x,))
+
+
+def wrapped_model() -> Program:
+    vae, x = small_vae()
+    return Program(poutine.scale(vae.model, scale=2.0), vae.guide, (x,))
+
+
+def handler_around_the_call() -> Program:
+    vae, x = small_vae()
+    return Program(vae.model, vae.guide, (x,), context=lambda: poutine.scale(scale=2.0))
+
+
+def two_particles() -> Program:
+    vae, x = small_vae()
+    return Program(vae.model, vae.guide, (x,), elbo_kwargs={"num_particles": 2})
+
+
+def ssvae() -> Program:
+    """M2 with labels observed (the labelled ELBO of ``fit_ssvae``)."""
+    model = SSVAE(image_shape=(1, 8, 8), hidden=16, latent_dim=3).train()
+    x, y = data_for(model), torch.arange(BATCH) % 10
+    return Program(model.model, model.guide, (x, y))
+
+
+def frozen() -> Program:
+    vae, x = small_vae()
+    return Program(vae.model, vae.guide, (x,), context=vae.frozen)
+
+
+def relaxed_in_eval_mode() -> Program:
+    vae, x = small_vae(latent="relaxed-categorical", groups=2, classes=3)
+    vae.eval()
+    return Program(vae.model, vae.guide, (x,))
+
+
+def own_objective() -> Program:
+    vae, x = small_vae()
+    return Program(vae.model, vae.guide, (x,), elbo_class=doubled)
+
+
+FALLBACKS = {
+    f.__name__: f
+    for f in (
+        subclass_model,
+        subclass_body,
+        wrapped_model,
+        handler_around_the_call,
+        two_particles,
+        ssvae,
+        frozen,
+        relaxed_in_eval_mode,
+        own_objective,
+    )
+}
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("case", FALLBACKS)
+def test_programs_it_does_not_recognise_run_through_pyro_unchanged(case, estimator, no_fused):
+    """A subclass with its own model or body, a handler-wrapped model, a handler around
+    the call, two particles, an SSVAE, a frozen VAE, a relaxed latent in eval mode, an ELBO
+    with its own objective: the fused class does exactly what its Pyro parent does."""
+    program = FALLBACKS[case]()
+    outcomes = []
+    for elbo_class in reversed(ESTIMATORS[estimator]):  # Pyro's first
+        elbo = program.elbo_class(elbo_class)(**program.elbo_kwargs)
+        pyro.set_rng_seed(5)
+        try:
+            with program.context():
+                loss = elbo.differentiable_loss(
+                    program.model, program.guide, *program.args, **program.kwargs
+                )
+            outcomes.append(loss.detach())
+        except Exception as error:  # e.g. TraceMeanField_ELBO refuses exact (eval-mode) codes
+            outcomes.append((type(error), str(error)))
+    assert outcomes[1] == outcomes[0]
+
+
+# ----------------------------------------------------------------- SVI
+def _svi_run(elbo, steps: int = 3):
+    """A fresh VAE (the same initial weights every time), trained by SVI for ``steps``."""
+    pyro.set_rng_seed(0)
+    vae = VAE(hidden=16, latent_dim=3, image_shape=(1, 8, 8), likelihood="gaussian").train()
+    x = data_for(vae)
+    before = {name: p.detach().clone() for name, p in vae.named_parameters()}
+    with pyro.get_param_store().scope():
+        svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+        pyro.set_rng_seed(1)
+        losses = [svi.step(x, num_data=NUM_DATA) for _ in range(steps)]
+    return before, dict(vae.named_parameters()), losses
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_svi_with_the_fused_elbo_trains_every_parameter_as_pyro_does(estimator, fused_calls):
+    """Three SVI steps (pyro.optim.Adam) from the same weights and seed: every parameter,
+    the Gaussian likelihood's sigma included, moves, to where Pyro's ELBO takes it."""
+    fused_elbo, pyro_elbo = ESTIMATORS[estimator]
+    _, want, want_losses = _svi_run(pyro_elbo())
+    before, after, losses = _svi_run(fused_elbo())
+    assert len(fused_calls) == 3
+    assert losses == pytest.approx(want_losses, rel=1e-5)
+    assert set(after) == set(before) and "likelihood.raw_sigma" in after
+    for name, value in after.items():
+        assert not torch.equal(value, before[name]), f"{name} did not train"
+        torch.testing.assert_close(value, want[name], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_svi_registers_the_same_parameters_as_pyro(fused_calls):
+    """Under SVI's parameter-only trace, the fused route makes the param statements that
+    model and guide make: the same names, the VAE's own tensors."""
+    vae = tiny_vae(image_shape=(1, 8, 8), likelihood="gaussian")
+    x = data_for(vae)
+    sites = []
+    for elbo in (Trace_ELBO(), FusedTrace_ELBO()):
+        with poutine.trace(param_only=True) as capture:
+            elbo.differentiable_loss(vae.model, vae.guide, x)
+        sites.append({n: s["value"].unconstrained() for n, s in capture.trace.nodes.items()})
+    assert len(fused_calls) == 1
+    assert sites[1].keys() == sites[0].keys()
+    own = {id(p) for p in vae.parameters()}
+    assert {id(p) for p in sites[1].values()} == own
+
+
+def test_fused_svi_claims_the_store_from_a_stale_model_of_the_same_name(fused_calls):
+    """A second VAE named like a first one (a notebook cell run twice) trains its own
+    weights under SVI with the fused ELBO, as it does with Pyro's."""
+    first = tiny_vae(image_shape=(1, 8, 8))
+    x = data_for(first)
+    SVI(first.model, first.guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO()).step(x)
+    stale = {name: p.detach().clone() for name, p in first.named_parameters()}
+    second = tiny_vae(image_shape=(1, 8, 8))
+    before = {name: p.detach().clone() for name, p in second.named_parameters()}
+    svi = SVI(second.model, second.guide, pyro.optim.Adam({"lr": 0.01}), FusedTrace_ELBO())
+    with pytest.warns(UserWarning, match="param store held parameters of another model"):
+        svi.step(x)
+    assert fused_calls
+    for name, p in second.named_parameters():
+        assert not torch.equal(p, before[name]), f"{name} did not train"
+    for name, p in first.named_parameters():
+        assert torch.equal(p, stale[name]), f"the stale model's {name} moved"
+
+
+def test_a_frozen_vae_is_not_trained_by_svi_with_the_fused_elbo(no_fused):
+    """Inside ``frozen()`` the fused class leaves the VAE to Pyro, where its weights make no
+    param statements: the VAE's own parameters never reach the optimizer."""
+    vae = tiny_vae(image_shape=(1, 8, 8))
+    x = data_for(vae)
+    before = {name: p.detach().clone() for name, p in vae.named_parameters()}
+
+    def model(x):
+        loc = pyro.param("shift", torch.zeros(()))
+        with vae.frozen():
+            vae.model(x + 0 * loc)
+        pyro.sample("extra", pyro.distributions.Normal(loc, 1.0), obs=torch.ones(()))
+
+    def guide(x):
+        with vae.frozen():
+            vae.guide(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), FusedTrace_ELBO()).step(x)
+    assert pyro.param("shift").item() != 0.0
+    for name, p in vae.named_parameters():
+        assert torch.equal(p, before[name])
+
+
+# ----------------------------------------------------------------- compiled
+def _compile_unavailable() -> str | None:
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    try:
+        importlib.import_module("torch._inductor.config")  # imports torch._dynamo too
+    except ImportError as error:
+        return f"torch.compile's inductor backend cannot be imported: {error}"
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile (dynamo) is not supported on this Python or platform"
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        return "inductor compiles C++ on the CPU, and no C compiler (gcc, cc) is on the PATH"
+    return None
+
+
+def test_compiled_fused_loss_equals_eager_and_takes_weight_and_temperature_as_inputs():
+    """``torch.compile`` of a step calling ``vae.elbo_loss`` with the KL weight and the
+    temperature as tensors: the loss of eager code at three settings of both, from one
+    compilation. Inductor draws its own random numbers unless ``fallback_random`` asks it
+    to call torch's, which eager code uses too."""
+    unavailable = _compile_unavailable()  # asked here, so collection need not import inductor
+    if unavailable:
+        pytest.skip(unavailable)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    vae = tiny_vae(latent="relaxed-categorical", straight_through=True, image_shape=(1, 8, 8))
+    x = data_for(vae)
+
+    def step(x, kl_weight, temperature):
+        return vae.elbo_loss(x, num_data=NUM_DATA, kl_weight=kl_weight, temperature=temperature)
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, backend=counter)
+    patch = torch._inductor.config.patch(fallback_random=True, compile_threads=1)
+    with patch, pyro.validation_enabled(False):
+        losses = set()
+        for weight, temperature in ((0.3, 0.7), (0.6, 0.4), (1.0, 2.0)):
+            inputs = x, torch.tensor(weight), torch.tensor(temperature)
+            pyro.set_rng_seed(11)
+            eager = step(*inputs)
+            pyro.set_rng_seed(11)
+            torch.testing.assert_close(compiled(*inputs), eager, rtol=1e-5, atol=0.0)
+            losses.add(eager.item())
+    assert len(losses) == 3  # the inputs changed the loss ...
+    assert counter.frame_count == 1  # ... and compiled code took them without recompiling
