@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,54 +248,136 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-class TensorBatches:
+class _Batches:
+    """What the batch sources share: each epoch's shuffled order, the shard of it that
+    this process trains on, and making each batch ready for the likelihood.
+
+    With ``world`` processes (data-parallel training), the order of an epoch is padded by
+    wrapping around to a multiple of ``world`` and process ``rank`` takes every
+    ``world``-th index from ``rank`` on: the shards are disjoint (but for the padding),
+    cover the data set, and hold the same number of batches, as every process must take
+    the same number of steps.
+
+    :param preprocessing: "binarize" or "dequantize" for uint8 images (see
+        :func:`preprocess`); floating-point batches pass as they are.
+    :param dtype: the dtype batches are cast to (the model's).
+    :param check: called on each floating-point batch, e.g. a likelihood's ``check_data``.
+    """
+
+    def __init__(
+        self,
+        num_data: int,
+        batch_size: int,
+        seed: int,
+        preprocessing: str | None,
+        dtype: torch.dtype | None,
+        check: Callable[[torch.Tensor], None] | None,
+    ):
+        self.num_data = num_data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.preprocessing = preprocessing
+        self.dtype = dtype
+        self.check = check
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        """Make this source yield process ``rank``'s share of ``world`` (see the class)."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not one of {world} processes")
+        self.rank, self.world = rank, world
+
+    @property
+    def shard_size(self) -> int:
+        """Data points this process sees per epoch."""
+        return -(-self.num_data // self.world)
+
+    def __len__(self) -> int:
+        return -(-self.shard_size // self.batch_size)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        order = epoch_permutation(self.num_data, self.seed, epoch)
+        if self.world == 1:
+            return order
+        padded = order.repeat(-(-self.shard_size * self.world // self.num_data))
+        return padded[: self.shard_size * self.world][self.rank :: self.world]
+
+    def _ready(self, batch: torch.Tensor) -> torch.Tensor:
+        floating = batch.is_floating_point()
+        if self.preprocessing is not None:
+            batch = preprocess(batch, self.preprocessing)
+        if self.dtype is not None and batch.dtype != self.dtype:
+            batch = batch.to(self.dtype)
+        if floating and self.check is not None:
+            self.check(batch)
+        return batch
+
+
+class TensorBatches(_Batches):
     """Mini-batches of an in-memory image tensor that lives on the training device.
 
     The whole data set is moved once; a batch is an index into it. This avoids the
     per-batch collation of a ``DataLoader``, the slow path for data that fits in memory.
+    Floating-point data is checked (``check``) once, as a whole, not per batch.
     """
 
-    def __init__(self, images: torch.Tensor, batch_size: int, device: torch.device, seed: int = 0):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        preprocessing: str | None = None,
+        dtype: torch.dtype | None = None,
+        check: Callable[[torch.Tensor], None] | None = None,
+    ):
+        super().__init__(images.shape[0], batch_size, seed, preprocessing, dtype, None)
+        if images.is_floating_point() and check is not None:
+            check(images)
         self.images = images.to(device)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_data = images.shape[0]
 
-    def __len__(self) -> int:
-        return -(-self.num_data // self.batch_size)
+    def to(self, device: torch.device | str) -> TensorBatches:
+        """Move the held images to ``device`` (the training device of this process)."""
+        self.images = self.images.to(device)
+        return self
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
-        """The batches of ``epoch`` from batch number ``start`` on."""
-        order = epoch_permutation(self.num_data, self.seed, epoch).to(self.images.device)
+        """The ready batches of ``epoch`` from batch number ``start`` on."""
+        order = self._order(epoch).to(self.images.device)
         for i in range(start, len(self)):
-            yield self.images[order[i * self.batch_size : (i + 1) * self.batch_size]]
+            yield self._ready(self.images[order[i * self.batch_size : (i + 1) * self.batch_size]])
 
 
-class LoaderBatches:
+class LoaderBatches(_Batches):
     """Mini-batches streamed from a ``Dataset`` through a ``DataLoader`` with workers,
     for image collections too large to hold in memory. Items may be images or tuples
-    whose first element is the image, such as ``(image, label)``."""
+    whose first element is the image, such as ``(image, label)``. Floating-point batches
+    are checked (``check``) as they arrive."""
 
     def __init__(
         self,
         dataset: Dataset,
         batch_size: int,
-        device: torch.device,
+        device: torch.device | str = "cpu",
         seed: int = 0,
         num_workers: int = 2,
+        preprocessing: str | None = None,
+        dtype: torch.dtype | None = None,
+        check: Callable[[torch.Tensor], None] | None = None,
     ):
+        super().__init__(len(dataset), batch_size, seed, preprocessing, dtype, check)
         self.dataset = dataset
-        self.batch_size = batch_size
         self.device = torch.device(device)
-        self.seed = seed
         self.num_workers = num_workers
-        self.num_data = len(dataset)
 
-    def __len__(self) -> int:
-        return -(-self.num_data // self.batch_size)
+    def to(self, device: torch.device | str) -> LoaderBatches:
+        """Deliver batches on ``device``."""
+        self.device = torch.device(device)
+        return self
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
-        order = epoch_permutation(self.num_data, self.seed, epoch)[start * self.batch_size :]
+        """The ready batches of ``epoch`` from batch number ``start`` on."""
+        order = self._order(epoch)[start * self.batch_size :]
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -306,4 +388,4 @@ class LoaderBatches:
         for batch in loader:
             if isinstance(batch, (tuple, list)):  # (image, label, ...) items: the image
                 batch = batch[0]
-            yield batch.to(self.device, non_blocking=True)
+            yield self._ready(batch.to(self.device, non_blocking=True))

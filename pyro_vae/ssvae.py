@@ -39,11 +39,9 @@ exactly that, noise whatever the image.
 from __future__ import annotations
 
 import copy
-import math
 import operator
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
@@ -54,15 +52,16 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.nn import PyroModule
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint
 from .config import VAEConfig
 from .data import TensorBatches, fixed_preprocess, preprocess
-from .errors import CheckpointError, DataError, TrainingDivergedError, UsageError
+from .engine import Batch, Objective, Settings, make_devices, make_loggers, unwrap
+from .engine import train as train_engine
+from .errors import CheckpointError, DataError, UsageError
 from .evaluate import ACTIVE_THRESHOLD, prepare_held_out, unit_activity
 from .latents import GaussianLatent
 from .likelihoods import GaussianLikelihood, Likelihood, make_likelihood
 from .nets import MLPDecoder, MLPEncoder
-from .train import resolve_device
 from .vae import VAE, NamedSites, pyro_program
 
 
@@ -373,12 +372,106 @@ class SSVAEEpoch:
     """What one epoch of :func:`fit_ssvae` did."""
 
     epoch: int
-    #: mean loss per image: -ELBO of labelled and unlabelled images plus the auxiliary term.
+    #: mean loss per unlabelled image: -ELBO of the unlabelled batch plus the labelled
+    #: batch's -ELBO and auxiliary term, each scaled to its own data set.
     train_loss: float
     #: classifier accuracy on the held-out images (None: no test data).
     test_accuracy: float | None
     #: wall-clock seconds of the epoch's training steps.
     seconds: float
+    #: optimizer steps taken so far, over all epochs.
+    step: int = 0
+    #: Adam's learning rate in the epoch.
+    lr: float | None = None
+
+    def summary(self, epochs: int) -> str:
+        """One line for a log: epoch, loss, accuracy and seconds."""
+        accuracy = "" if self.test_accuracy is None else f"  test accuracy {self.test_accuracy:.4f}"
+        return (
+            f"epoch {self.epoch}/{epochs}  loss {self.train_loss:.2f}{accuracy}"
+            f"  ({self.seconds:.0f} s)"
+        )
+
+
+class SSVAELoss(nn.Module):
+    """The semi-supervised objective of one step as a module (what DDP wraps): the
+    enumerated ELBO of a batch of unlabelled images, the ELBO of a random batch of the
+    labelled ones (labels observed), and the auxiliary classification loss."""
+
+    def __init__(
+        self,
+        ssvae: SSVAE,
+        labelled: torch.Tensor,
+        labels: torch.Tensor,
+        num_unlabelled: int,
+        batch_size: int,
+        aux_weight: float,
+    ):
+        super().__init__()
+        self.ssvae = ssvae
+        self.labelled, self.labels = labelled, labels
+        self.num_unlabelled = num_unlabelled
+        self.batch_size = batch_size
+        # the auxiliary weight is a fraction of the whole data set's size
+        self.alpha = aux_weight * (num_unlabelled + labelled.shape[0])
+        self.unlabelled_elbo = TraceEnum_ELBO(max_plate_nesting=1)
+        # the labelled ELBO has nothing to enumerate, so plain Trace_ELBO scores it
+        self.labelled_elbo = Trace_ELBO()
+
+    def forward(self, x_u: torch.Tensor | Batch) -> torch.Tensor:
+        x_u = unwrap(x_u)
+        ssvae, how = self.ssvae, self.ssvae.image_likelihood.preprocessing
+        model, guide = ssvae.programs()
+        pick = torch.randperm(self.labelled.shape[0], device=x_u.device)[: self.batch_size]
+        x_l = preprocess(self.labelled[pick], how).to(x_u.dtype)
+        y_l = self.labels[pick]
+        return (
+            self.unlabelled_elbo.differentiable_loss(
+                model, guide, x_u, num_data=self.num_unlabelled
+            )
+            + self.labelled_elbo.differentiable_loss(
+                model, guide, x_l, y_l, num_data=self.labelled.shape[0]
+            )
+            + self.alpha / x_l.shape[0] * ssvae.classification_loss(x_l, y_l)
+        )
+
+
+class SSVAEObjective(Objective):
+    """How :func:`fit_ssvae` trains an SSVAE in the package's one loop: the objective of
+    :class:`SSVAELoss`, and the classifier's held-out accuracy as the epoch's metric."""
+
+    record_type = SSVAEEpoch
+
+    def __init__(self, ssvae: SSVAE, module: SSVAELoss, batches, test):
+        self.model, self.module, self.batches = ssvae, module, batches
+        self.test = test
+
+    def setup(self, device: torch.device, rank: int, world: int, epochs: int) -> None:
+        self.batches.shard(rank, world)
+        self.batches.to(device)
+        self.module.labelled = self.module.labelled.to(device)
+        self.module.labels = self.module.labels.to(device)
+        self.local_test = None
+        if self.test is not None:  # each process classifies its own slice
+            x, y = self.test
+            self.local_test = x[rank::world].to(device), y[rank::world].to(device)
+
+    def record(self, reduce, progress: dict) -> SSVAEEpoch:
+        accuracy = None
+        if self.local_test is not None:
+            x, y = self.local_test
+            hits = self.model.accuracy(x, y) * len(y) if len(y) else 0.0
+            total = reduce(torch.tensor([hits, len(y)], dtype=torch.float64, device=y.device))
+            accuracy = (total[0] / total[1]).item()
+        return SSVAEEpoch(**progress, test_accuracy=accuracy)
+
+    def checkpoint_extra(self) -> dict:
+        ssvae = self.model
+        return {
+            "num_classes": ssvae.num_classes,
+            "base_config": None if ssvae.base is None else ssvae.base.config.to_dict(),
+            "code_dims": ssvae.code_dims,
+        }
 
 
 def fit_ssvae(
@@ -393,11 +486,23 @@ def fit_ssvae(
     lr: float = 1e-3,
     aux_weight: float = 0.1,
     seed: int = 0,
-    device: str | torch.device | None = "auto",
+    device: str | torch.device | None = None,
+    accelerator: str = "auto",
+    devices: int | str | list[int] = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str = "32-true",
     checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    loggers: Sequence[str] = (),
+    log_dir: str | Path | None = None,
     on_epoch=None,
 ) -> list[SSVAEEpoch]:
-    """Train ``ssvae`` by SVI with ``TraceEnum_ELBO`` on labelled and unlabelled images.
+    """Train ``ssvae`` by SVI with ``TraceEnum_ELBO`` on labelled and unlabelled images,
+    in the package's one training loop (:mod:`pyro_vae.engine`), as :func:`pyro_vae.fit`
+    trains a VAE: the same devices, processes, precision, loggers, checkpoints, resume
+    and Ctrl-C handling.
 
     Each step takes one batch of unlabelled images (the label enumerated) and one batch
     of labelled images (the label observed, all of them when there are at most
@@ -410,8 +515,11 @@ def fit_ssvae(
         dequantized afresh each step, as :func:`pyro_vae.fit` does.
     :param test: held-out ``(images, labels)``; the classifier's accuracy on one fixed
         preprocessing of them is recorded after each epoch.
-    :param checkpoint: file written after every epoch (config, weights, history).
+    :param checkpoint: file written after every epoch and on Ctrl-C (config, weights,
+        optimizer, progress, history, RNG states), and resumed from with ``resume``.
     :param on_epoch: called with each :class:`SSVAEEpoch` as it finishes, e.g. to log.
+
+    The other arguments are those of :func:`pyro_vae.fit`.
     """
     if labelled.shape[0] == 0 or labels.shape != labelled.shape[:1]:
         raise DataError("need a non-empty batch of labelled images with one label each")
@@ -419,71 +527,29 @@ def fit_ssvae(
         raise DataError("need unlabelled images")
     if labels.min() < 0 or labels.max() >= ssvae.num_classes:
         raise DataError(f"labels must lie in 0..{ssvae.num_classes - 1}")
-    if epochs < 0 or batch_size < 1 or lr <= 0 or aux_weight < 0:
-        raise UsageError("need epochs >= 0, batch_size >= 1, lr > 0, aux_weight >= 0")
+    if epochs < 1:
+        raise UsageError(f"epochs={epochs}: fit_ssvae would train nothing; ask for at least 1")
+    if batch_size < 1 or lr <= 0 or aux_weight < 0:
+        raise UsageError("need batch_size >= 1, lr > 0, aux_weight >= 0")
     for images in (labelled, unlabelled):
         if images.is_floating_point():  # uint8 images are made valid data by preprocess()
             ssvae.image_likelihood.check_data(images)
-    device = resolve_device(device)
-    ssvae.to(device).train()
-    pyro.set_rng_seed(seed)
+    engine_devices = make_devices(device, accelerator, devices, num_nodes, strategy, precision)
+    ssvae.cpu().train()
     how = ssvae.image_likelihood.preprocessing
-    batches = TensorBatches(unlabelled, batch_size, device, seed)
-    labelled, labels = labelled.to(device), labels.to(device)
-    num_labelled, num_data = labelled.shape[0], unlabelled.shape[0] + labelled.shape[0]
-    alpha = aux_weight * num_data
-    test_x = test_y = None
+    dtype = next(ssvae.parameters()).dtype
+    batches = TensorBatches(unlabelled, batch_size, "cpu", seed, how, dtype)
+    module = SSVAELoss(ssvae, labelled, labels, unlabelled.shape[0], batch_size, aux_weight)
+    held_out = None
     if test is not None:
-        test_x, test_y = fixed_preprocess(test[0].to(device), how), test[1].to(device)
-    # the labelled ELBO has nothing to enumerate, so plain Trace_ELBO scores it
-    unlabelled_elbo, labelled_elbo = TraceEnum_ELBO(max_plate_nesting=1), Trace_ELBO()
-    # a base VAE's weights are frozen: M2 alone is trained
-    optimizer = torch.optim.Adam([p for p in ssvae.parameters() if p.requires_grad], lr=lr)
-    history: list[SSVAEEpoch] = []
-    with pyro.get_param_store().scope():
-        for epoch in range(epochs):
-            start, loss_sum = time.perf_counter(), 0.0
-            first_step = epoch * len(batches) + 1
-            for step, images in enumerate(batches.epoch(epoch), start=first_step):
-                pick = torch.randperm(num_labelled, device=device)[:batch_size]
-                x_l, y_l = preprocess(labelled[pick], how), labels[pick]
-                x_u = preprocess(images, how)
-                # the data were checked up front and a NaN surfaces in the loss below, so
-                # Pyro's per-step support checks would only repeat work (as in fit())
-                with pyro.validation_enabled(False):
-                    loss = (
-                        unlabelled_elbo.differentiable_loss(
-                            ssvae.model, ssvae.guide, x_u, num_data=batches.num_data
-                        )
-                        + labelled_elbo.differentiable_loss(
-                            ssvae.model, ssvae.guide, x_l, y_l, num_data=num_labelled
-                        )
-                        + alpha / x_l.shape[0] * ssvae.classification_loss(x_l, y_l)
-                    )
-                if not math.isfinite(loss.item()):
-                    raise TrainingDivergedError(step, loss.item())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item() / num_data
-            seconds = time.perf_counter() - start
-            ssvae.eval()
-            accuracy = None if test_x is None else ssvae.accuracy(test_x, test_y)
-            ssvae.train()
-            history.append(SSVAEEpoch(epoch + 1, loss_sum / len(batches), accuracy, seconds))
-            if checkpoint is not None:
-                save_checkpoint(
-                    checkpoint,
-                    ssvae,
-                    num_classes=ssvae.num_classes,
-                    base_config=None if ssvae.base is None else ssvae.base.config.to_dict(),
-                    code_dims=ssvae.code_dims,
-                    history=[asdict(record) for record in history],
-                )
-            if on_epoch is not None:
-                on_epoch(history[-1])
+        held_out = fixed_preprocess(test[0], how).to(dtype), test[1]
+    objective = SSVAEObjective(ssvae, module, batches, held_out)
+    settings = Settings(epochs, lr, seed, checkpoint, resume, progress)
+    records, _ = train_engine(
+        objective, settings, engine_devices, make_loggers(loggers, log_dir), on_epoch
+    )
     ssvae.eval()
-    return history
+    return records
 
 
 def load_ssvae(path: str | Path, map_location: str | torch.device = "cpu") -> SSVAE:

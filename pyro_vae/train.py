@@ -1,38 +1,42 @@
-"""fit(): stochastic variational inference on a VAE, with checkpoints and resume.
+"""fit(): stochastic variational inference on a VAE, in the package's one training loop.
 
-The loop is the textbook SVI step, written with a PyTorch optimizer over
-``vae.parameters()``: a Pyro ELBO's ``differentiable_loss`` of the model and guide on one
-mini-batch (scaled to the data set by the model's plate), ``backward``, ``step``.
-Training runs inside a private scope of Pyro's param store, so it never reads or
-overwrites parameters of other models in the same process.
+Each step is the textbook SVI step, with a PyTorch optimizer over the VAE's parameters:
+a Pyro ELBO's ``differentiable_loss`` of the model and guide on one mini-batch (scaled to
+the data set by the model's plate), ``backward``, ``step``. This module says what is
+particular to the VAE (:class:`VAEObjective`: the ELBO as a module, the KL warm-up and
+temperature schedules, the held-out ELBO of each epoch) and :mod:`pyro_vae.engine` runs
+it: devices, processes, precision, checkpoints and the rest, as for every model here.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import signal
-import threading
-import time
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pyro
 import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from . import evaluate
-from .checkpoint import check_config, load_checkpoint, save_checkpoint
-from .data import LoaderBatches, TensorBatches, fixed_preprocess, preprocess
-from .errors import DataError, TrainingDivergedError, UsageError
+from . import engine, evaluate
+from .data import LoaderBatches, TensorBatches, fixed_preprocess
+from .engine import Objective, Settings, make_devices, make_loggers
+from .errors import DataError, UsageError
+from .fused import FusedTrace_ELBO, FusedTraceMeanField_ELBO, fused_loss
 from .likelihoods import GaussianLikelihood
-from .vae import VAE
 
-ELBOS = {"trace": Trace_ELBO, "jit": JitTrace_ELBO, "meanfield": TraceMeanField_ELBO}
+#: fit's estimators. "trace" and "meanfield" are Pyro's Trace_ELBO and TraceMeanField_ELBO
+#: as subclasses that compute the package's own VAE without tracing it (pyro_vae.fused;
+#: equal in value and gradient, tested); the "-pyro" names are Pyro's own classes.
+ELBOS = {
+    "trace": FusedTrace_ELBO,
+    "meanfield": FusedTraceMeanField_ELBO,
+    "trace-pyro": Trace_ELBO,
+    "meanfield-pyro": TraceMeanField_ELBO,
+    "jit": JitTrace_ELBO,
+}
 
 
 @dataclass
@@ -69,6 +73,9 @@ class History:
     """The per-epoch record of a run; :meth:`to_rows` gives CSV/JSON-ready dicts."""
 
     epochs: list[EpochRecord] = field(default_factory=list)
+    #: the process that returned this history (0 but in data-parallel runs): only
+    #: process 0 should write files.
+    rank: int = field(default=0, compare=False)
 
     def to_rows(self) -> list[dict]:
         return [asdict(record) for record in self.epochs]
@@ -141,11 +148,19 @@ def fit(
     warmup: float = 0.0,
     elbo: str = "trace",
     seed: int = 0,
-    device: str | torch.device | None = "auto",
+    device: str | torch.device | None = None,
+    accelerator: str = "auto",
+    devices: int | str | list[int] = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str = "32-true",
+    compile: bool | str = False,
     num_workers: int = 2,
     checkpoint: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    loggers: Sequence[str] = (),
+    log_dir: str | Path | None = None,
     temperature: float = 1.0,
     temperature_floor: float = 0.5,
     temperature_schedule: str = "exponential",
@@ -153,6 +168,9 @@ def fit(
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> History:
     """Train ``vae`` by SVI on ``train`` and return the per-epoch :class:`History`.
+
+    Training runs in the package's one loop (:mod:`pyro_vae.engine`) on Lightning
+    Fabric, so the same call trains on a CPU, a GPU, or many GPUs on many nodes.
 
     :param train: ``(N, C, H, W)`` images (``(N, D)`` vectors for a VAE of vectors), held
         on the device and batched by shuffled index; uint8 images are binarized afresh
@@ -164,18 +182,40 @@ def fit(
     :param test: held-out images; their ELBO is recorded after each epoch. uint8 test
         images get one fixed, seeded binarization or dequantization.
     :param epochs: total epochs, at least 1; a resumed run continues up to this number.
+    :param batch_size: images per step in each process (a step of ``W`` processes sees
+        ``W * batch_size`` images).
     :param beta: weight of the KL term (1 is the true ELBO), applied with
         ``poutine.scale`` to the latent site in both model and guide.
     :param warmup: epochs over which the KL weight ramps linearly from 0 to ``beta``.
-    :param elbo: "trace" (``Trace_ELBO``), "jit" (``JitTrace_ELBO``) or "meanfield"
-        (``TraceMeanField_ELBO``, analytic KL where it exists).
-    :param seed: seeds Pyro/torch, the shuffling and the noise of training, so a run is
-        reproducible. The weights were drawn when the VAE was built: for a run that is
-        reproducible from scratch, call ``pyro.set_rng_seed(seed)`` before ``VAE(...)``.
+    :param elbo: "trace" (``Trace_ELBO``, the default) or "meanfield"
+        (``TraceMeanField_ELBO``, analytic KL where it exists), each as its fused subclass
+        (:mod:`pyro_vae.fused`: the package's own VAE computed without Pyro's tracing, equal
+        in value and gradient); "trace-pyro" and "meanfield-pyro" run Pyro's own classes;
+        "jit" is ``JitTrace_ELBO``, which compiles the temperature as a constant, so it
+        refuses a warm-up or an annealed temperature.
+    :param compile: run the fused ELBO through ``torch.compile`` (True, or a compile mode
+        such as "reduce-overhead" for CUDA graphs); needs elbo "trace" or "meanfield".
+    :param seed: seeds Pyro/torch, the shuffling and the noise of training (process
+        ``r`` of several draws with ``seed + r``), so a run is reproducible. The weights
+        were drawn when the VAE was built: for a run that is reproducible from scratch,
+        call ``pyro.set_rng_seed(seed)`` before ``VAE(...)``.
+    :param device: shorthand for ``accelerator`` (and a device index): "cpu", "cuda",
+        "cuda:1"; None or "auto" leaves the choice to ``accelerator``.
+    :param accelerator: "auto" (CUDA when a GPU is there), "cpu", "cuda", ...; with
+        ``devices``, ``num_nodes``, ``strategy`` and ``precision`` it goes straight to
+        :class:`lightning_fabric.Fabric`. ``devices=2, strategy="ddp"`` trains two
+        processes (see ``docs/training.md`` for torchrun, ``fabric run`` and SLURM);
+        ``precision="bf16-mixed"`` (or ``"16-mixed"`` on CUDA) runs the networks in half
+        precision while log-densities and the KL stay in float32.
     :param checkpoint: file to write after every epoch, on Ctrl-C, and to resume from.
     :param resume: continue from ``checkpoint`` if it exists (weights, optimizer,
-        progress, history, RNG states); its config must match ``vae.config``. The run
-        goes on at ``lr``, which may differ from the rate it was started with.
+        progress, history, RNG states); its config must match ``vae.config``, and the
+        number of processes the run's. The run goes on at ``lr``, which may differ from
+        the rate it was started with.
+    :param loggers: "csv" and/or "tensorboard": Lightning Fabric loggers written under
+        ``log_dir`` (scalars every epoch; TensorBoard also gets reconstructions and
+        samples). TensorBoard needs the ``tensorboard`` package (``pip install
+        pyro_vae[tensorboard]``).
     :param temperature: relaxed-categorical latents: the Concrete temperature at the
         start of training (ignored by latents without one).
     :param temperature_floor: the temperature at the end of the annealing, and after it.
@@ -184,8 +224,9 @@ def fit(
         run continues the schedule where it stopped.
     :param temperature_anneal: epochs over which the temperature falls to the floor
         (default: all ``epochs``).
-    :param on_epoch: called with each epoch's :class:`EpochRecord` once its checkpoint is
-        written, e.g. to log when ``progress=False`` or to stop early by raising.
+    :param on_epoch: called (in the first process) with each epoch's
+        :class:`EpochRecord` once its checkpoint is written, e.g. to log when
+        ``progress=False`` or to stop early by raising.
     :raises TrainingDivergedError: when the loss stops being finite; the bad step is
         not applied, and ``checkpoint`` keeps the last good epoch.
     """
@@ -200,187 +241,204 @@ def fit(
             f"unknown temperature schedule {temperature_schedule!r}; "
             f"choose one of: {', '.join(TEMPERATURE_SCHEDULES)}"
         )
-    if vae._frozen:
+    if vae.is_frozen:
         raise UsageError("the VAE is frozen (inside vae.frozen()); fit it outside that block")
     if not 0 < temperature_floor <= temperature:
         raise UsageError(
             f"need 0 < temperature floor <= temperature, got {temperature_floor} and {temperature}"
         )
-    device = resolve_device(device)
-    vae.to(device)
-    vae.train()
-    pyro.set_rng_seed(seed)
-    dtype = vae._a_parameter().dtype
-    batches = _batches(vae, train, batch_size, device, seed, num_workers)
-    # a streamed data set is seen one batch at a time: float batches are checked as they come
-    check_batches = not isinstance(train, torch.Tensor) and _first(train[0]).is_floating_point()
-    test_x = None if test is None else _held_out(vae, test, device).to(dtype)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
-    run = _Progress()
-    history = History()
-    if resume and checkpoint is not None and Path(checkpoint).exists():
-        history, run = _restore(vae, optimizer, checkpoint, device, lr)
-        if run.epoch >= epochs:
-            warnings.warn(
-                f"{checkpoint} already holds {run.epoch} epochs, so fit(epochs={epochs}) "
-                "trained nothing; ask for more epochs to continue the run",
-                stacklevel=2,
-            )
-    else:
+    anneals = hasattr(vae.latent, "temperature") and temperature_schedule != "constant"
+    if elbo == "jit" and (warmup > 0 or anneals):
+        raise UsageError(
+            "elbo='jit' compiles the KL weight and the Concrete temperature into its graph "
+            "as constants, so a KL warm-up or an annealed temperature would stay at its "
+            "first value; use elbo='trace' (or a constant schedule with no warm-up)"
+        )
+    engine_devices = make_devices(device, accelerator, devices, num_nodes, strategy, precision)
+    vae.cpu().train()
+    dtype = next(vae.parameters()).dtype
+    batches = _batches(vae, train, batch_size, seed, num_workers, dtype)
+    test_x = None if test is None else _held_out(vae, test).to(dtype)
+    if not (resume and checkpoint is not None and Path(checkpoint).exists()):
         _check_gaussian_scale(vae, train)
+    objective = VAEObjective(
+        vae,
+        batches,
+        test_x,
+        elbo=elbo,
+        compile=compile,
+        beta=beta,
+        warmup=warmup,
+        temperature=(temperature, temperature_floor, temperature_schedule, temperature_anneal),
+    )
+    settings = Settings(epochs, lr, seed, checkpoint, resume, progress)
+    records, rank = engine.train(
+        objective, settings, engine_devices, make_loggers(loggers, log_dir), on_epoch
+    )
+    vae.eval()
+    return History(records, rank=rank)
 
-    def save(**extra) -> None:
-        if checkpoint is not None:
-            save_checkpoint(
-                checkpoint,
-                vae,
-                optimizer=optimizer.state_dict(),
-                progress=asdict(run),
-                history=history.to_rows(),
-                rng=_rng_state(),
-                **extra,
+
+class ELBOLoss(nn.Module):
+    """The negative ELBO of a VAE's model and guide on a batch, as a module: Pyro's loss
+    is not the VAE's forward call, so this is what data-parallel training wraps.
+
+    With a fused ELBO ("trace", "meanfield") and the package's own VAE, the loss is
+    :meth:`~pyro_vae.VAE.elbo_loss`; ``compile`` then runs it through ``torch.compile``
+    (one graph per batch shape: the full batches and the last, smaller one), with the KL
+    weight and temperature as tensor inputs so that their schedules reach the graph.
+    Any other program goes through Pyro's ELBO as it is.
+
+    :param weight: the KL weight of the next step, set by the schedule.
+    """
+
+    def __init__(self, vae, elbo: str, num_data: int, compile: bool | str = False):
+        super().__init__()
+        self.vae = vae
+        self.elbo = ELBOS[elbo]()
+        self.num_data = num_data
+        self.weight = 1.0
+        self.jit = elbo == "jit"
+        self.compile = compile
+        if compile and not self.fused():
+            raise UsageError(
+                "compile=True compiles the fused ELBO of the package's own VAE, so it needs "
+                f"elbo 'trace' or 'meanfield' (not {elbo!r}) and a VAE whose class does not "
+                "override model, guide or elbo_loss"
             )
 
-    loss_fn = ELBOS[elbo]()
-    # The PyroModule wrappers of model and guide put every parameter through Pyro's param
-    # store on each call (a message per tensor). fit optimizes vae.parameters() itself, so
-    # it runs the bodies without that registration, which costs ~0.5 ms a step; only
-    # JitTrace_ELBO needs it, since it compiles param-store parameters as graph inputs.
-    # The model's body also skips the mean image that model() returns and the ELBO
-    # ignores (unless a subclass overrides model). Both are bound once: JitTrace_ELBO
-    # keys its compiled graph on their identity.
-    if elbo == "jit":
-        model, guide = vae.model, vae.guide
-    else:
-        body = type(vae)._model_body if type(vae).model is VAE.model else type(vae).model
-        model = functools.partial(getattr(body, "__wrapped__", body), vae)
-        guide = functools.partial(type(vae).guide.__wrapped__, vae)
-    warmup_steps = warmup * len(batches)
-    anneal_steps = (epochs if temperature_anneal is None else temperature_anneal) * len(batches)
-    # only latents with a relaxation have a temperature
-    anneals = hasattr(vae.latent, "temperature")
+    def fused(self) -> bool:
+        """Whether the fused ELBO computes this VAE (see :func:`pyro_vae.fused.fused_loss`)."""
+        vae = self.vae
+        probe = (torch.empty(0),), {"num_data": self.num_data}
+        return fused_loss(self.elbo, vae.model, vae.guide, *probe) is not None
 
-    def temperature_after(steps: int) -> float:
-        schedule = temperature, temperature_floor, temperature_schedule, anneal_steps
-        return temperature_at(steps, *schedule)
+    def forward(self, x: torch.Tensor | engine.Batch) -> torch.Tensor:
+        x = engine.unwrap(x)
+        if self.compile:
+            return self._compiled_loss(x)
+        model, guide = self._programs()
+        with self.vae.kl_weight(self.weight):
+            return self.elbo.differentiable_loss(model, guide, x, num_data=self.num_data)
 
-    with pyro.get_param_store().scope(), _DeferredInterrupt() as interrupt:
-        try:
-            while run.epoch < epochs:
-                start = time.perf_counter()
-                bar = tqdm(
-                    batches.epoch(run.epoch, run.batch),
-                    total=len(batches),
-                    initial=run.batch,
-                    desc=f"epoch {run.epoch + 1}/{epochs}",
-                    disable=not progress,
-                    leave=False,
+    def _programs(self):
+        # bound once: JitTrace_ELBO keys its compiled graph on the programs' identity.
+        # Fused ELBOs recognise vae.model and vae.guide; Pyro's own run the lighter
+        # programs that skip registering parameters (see VAE.programs)
+        if not hasattr(self, "_bound"):
+            vae = self.vae
+            fusing = isinstance(self.elbo, (FusedTrace_ELBO, FusedTraceMeanField_ELBO))
+            recognised = self.jit or (fusing and self.fused())
+            self._bound = (vae.model, vae.guide) if recognised else vae.programs()
+        return self._bound
+
+    def _compiled_loss(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "_step"):
+            analytic_kl = isinstance(self.elbo, TraceMeanField_ELBO)
+            vae, num_data = self.vae, self.num_data
+
+            def step(x, kl_weight, temperature):
+                return vae.elbo_loss(
+                    x,
+                    num_data=num_data,
+                    analytic_kl=analytic_kl,
+                    kl_weight=kl_weight,
+                    temperature=temperature,
                 )
-                for images in bar:
-                    x = preprocess(images, vae.likelihood.preprocessing).to(dtype)
-                    weight = kl_weight_at(run.step, beta, warmup_steps)
-                    if anneals:
-                        # as the KL warm-up does, step n uses the value reached after n + 1 steps,
-                        # so the last step of the annealing is at the floor
-                        vae.latent.temperature = temperature_after(run.step + 1)
-                    if check_batches:
-                        vae.likelihood.check_data(x)
-                    # The data were checked against the likelihood's support before training
-                    # (and NaN parameters surface as a non-finite loss below), so Pyro's
-                    # per-step argument and support checks would only repeat that work.
-                    with vae.kl_weight(weight), pyro.validation_enabled(False):
-                        loss = loss_fn.differentiable_loss(
-                            model, guide, x, num_data=batches.num_data
-                        )
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        raise TrainingDivergedError(run.step + 1, value)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    run.advance(value / batches.num_data, x.shape[0])
-                    if run.batch % 10 == 0:
-                        bar.set_postfix(loss=f"{run.loss_sum / run.images:.2f}")
-                    if interrupt.requested:
-                        raise KeyboardInterrupt
-                run.seconds += time.perf_counter() - start
-                test_elbo = None
-                if test_x is not None:
-                    vae.eval()
-                    test_elbo = evaluate.elbo(vae, test_x).mean().item()
-                    vae.train()
-                history.epochs.append(
-                    EpochRecord(
-                        epoch=run.epoch + 1,
-                        step=run.step,
-                        train_loss=run.loss_sum / max(run.images, 1),
-                        test_elbo=test_elbo,
-                        seconds=run.seconds,
-                        kl_weight=kl_weight_at(run.step - 1, beta, warmup_steps),
-                        temperature=temperature_after(run.step) if anneals else None,
-                        lr=lr,
-                    )
-                )
-                if progress:
-                    tqdm.write(history.epochs[-1].summary(epochs))
-                run.next_epoch()
-                save()
-                if on_epoch is not None:
-                    on_epoch(history.epochs[-1])
-        except KeyboardInterrupt:
-            run.seconds += time.perf_counter() - start
-            save()
-            raise
-    vae.eval()
-    return history
+
+            mode = None if self.compile is True else self.compile
+            self._step = torch.compile(step, mode=mode, dynamic=False)
+            self._inputs = x.new_ones(()), x.new_ones(())
+        kl_weight, temperature = self._inputs
+        # in place, on the device: no recompilation, no host synchronisation
+        kl_weight.fill_(self.weight)
+        temperature.fill_(getattr(self.vae.latent, "temperature", 1.0))
+        return self._step(x, kl_weight, temperature)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in ("_bound", "_step", "_inputs"):  # rebuilt in each process
+            state.pop(name, None)
+        return state
 
 
-class _DeferredInterrupt:
-    """Turns the first Ctrl-C into a request that the loop honours between two steps,
-    so the checkpoint written on interruption holds a consistent state (weights,
-    optimizer, progress and RNG all after the same step). A second Ctrl-C stops at once.
-    Outside the main thread, where handlers cannot be set, Ctrl-C acts as usual."""
+class VAEObjective(Objective):
+    """How :func:`fit` trains a VAE in the engine: the ELBO, the KL warm-up and the
+    Concrete temperature schedules, and the held-out ELBO as the epoch's metric."""
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+    record_type = EpochRecord
 
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+    def __init__(
+        self,
+        vae,
+        batches,
+        test_x: torch.Tensor | None,
+        *,
+        elbo: str,
+        compile: bool | str = False,
+        beta: float,
+        warmup: float,
+        temperature: tuple[float, float, str, float | None],
+    ):
+        self.model = vae
+        self.batches = batches
+        self.module = ELBOLoss(vae, elbo, batches.num_data, compile)
+        self.test_x = test_x
+        self.beta, self.warmup = beta, warmup
+        self.temperature = temperature
+        # only latents with a relaxation have a temperature
+        self.anneals = hasattr(vae.latent, "temperature")
 
-    def __enter__(self) -> _DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
+    def setup(self, device: torch.device, rank: int, world: int, epochs: int) -> None:
+        self.batches.shard(rank, world)
+        self.batches.to(device)
+        self.warmup_steps = self.warmup * len(self.batches)
+        start, floor, shape, anneal = self.temperature
+        anneal_steps = (epochs if anneal is None else anneal) * len(self.batches)
+        self.schedule = (start, floor, shape, anneal_steps)
+        # each process scores its own slice of the held-out images
+        self.local_test = None if self.test_x is None else self.test_x[rank::world].to(device)
 
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    def kl_weight(self, step: int) -> float:
+        return kl_weight_at(step, self.beta, self.warmup_steps)
 
+    def temperature_after(self, steps: int) -> float:
+        return temperature_at(steps, *self.schedule)
 
-@dataclass
-class _Progress:
-    """Where a run stands; stored in checkpoints so a resumed run picks up mid-epoch."""
+    def before_step(self, step: int) -> None:
+        self.module.weight = self.kl_weight(step)
+        if self.anneals:
+            # as the KL warm-up does, step n uses the value reached after n + 1 steps,
+            # so the last step of the annealing is at the floor
+            self.model.latent.temperature = self.temperature_after(step + 1)
 
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-    loss_sum: float = 0.0
-    images: int = 0
-    seconds: float = 0.0
+    def record(self, reduce, progress: dict) -> EpochRecord:
+        test_elbo = None
+        if self.local_test is not None:
+            values = evaluate.elbo(self.model, self.local_test) if len(self.local_test) else None
+            local = self.local_test.new_zeros(2, dtype=torch.float64)
+            if values is not None:
+                local = torch.stack([values.double().sum(), local.new_tensor(len(values))])
+            total = reduce(local)
+            test_elbo = (total[0] / total[1]).item()
+        step = progress["step"]
+        return EpochRecord(
+            **progress,
+            test_elbo=test_elbo,
+            kl_weight=self.kl_weight(step - 1),
+            temperature=self.temperature_after(step) if self.anneals else None,
+        )
 
-    def advance(self, loss_per_image: float, batch_images: int) -> None:
-        # the loss is scaled to the whole data set; weigh it by the batch's share
-        self.loss_sum += loss_per_image * batch_images
-        self.images += batch_images
-        self.batch += 1
-        self.step += 1
-
-    def next_epoch(self) -> None:
-        self.epoch += 1
-        self.batch, self.loss_sum, self.images, self.seconds = 0, 0.0, 0, 0.0
+    @torch.no_grad()
+    def images(self) -> dict[str, torch.Tensor]:
+        vae = self.model
+        if len(vae.config.image_shape) != 3:
+            return {}
+        shown = {"samples": vae.sample(16)}
+        if self.local_test is not None and len(self.local_test):
+            x = self.local_test[:8]
+            shown["reconstructions"] = torch.cat([x, vae.reconstruct(x)])
+        return shown
 
 
 def _check_shape(vae, shape: tuple[int, ...], what: str) -> None:
@@ -403,26 +461,23 @@ def _check_tensor(vae, data: torch.Tensor, what: str) -> None:
     dims = 1 + len(vae.config.image_shape)
     if data.dim() != dims or data.shape[0] == 0:
         layout = "(N, C, H, W)" if dims == 4 else "(N, D)"
-        raise DataError(
-            f"{what} data must be a non-empty {layout} tensor, got {tuple(data.shape)}"
-        )
+        raise DataError(f"{what} data must be a non-empty {layout} tensor, got {tuple(data.shape)}")
     _check_shape(vae, data.shape[1:], what)
 
 
-def _batches(vae, train, batch_size: int, device: torch.device, seed: int, num_workers: int):
+def _batches(vae, train, batch_size: int, seed: int, num_workers: int, dtype: torch.dtype):
+    """The batch source of ``train``: shuffled, shardable, preprocessed for the likelihood
+    and cast to the model's dtype (see :mod:`pyro_vae.data`)."""
+    how, check = vae.likelihood.preprocessing, vae.likelihood.check_data
     if isinstance(train, torch.Tensor):
         _check_tensor(vae, train, "training")
-        if train.is_floating_point():
-            vae.likelihood.check_data(train)
-        return TensorBatches(train, batch_size, device, seed)
+        return TensorBatches(train, batch_size, "cpu", seed, how, dtype, check)
     if not isinstance(train, Dataset):
-        raise DataError(
-            f"training data must be a tensor or a Dataset, got {type(train).__name__}"
-        )
+        raise DataError(f"training data must be a tensor or a Dataset, got {type(train).__name__}")
     if len(train) == 0:
         raise DataError("the training set is empty")
     _check_shape(vae, _first(train[0]).shape, "training")
-    return LoaderBatches(train, batch_size, device, seed, num_workers)
+    return LoaderBatches(train, batch_size, "cpu", seed, num_workers, how, dtype, check)
 
 
 def _check_gaussian_scale(vae, train) -> None:
@@ -451,33 +506,8 @@ def _check_gaussian_scale(vae, train) -> None:
         )
 
 
-def _held_out(vae, test: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _held_out(vae, test: torch.Tensor) -> torch.Tensor:
     _check_tensor(vae, test, "test")
-    x = fixed_preprocess(test.to(device), vae.likelihood.preprocessing)
+    x = fixed_preprocess(test, vae.likelihood.preprocessing)
     vae.likelihood.check_data(x)
     return x
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore(vae, optimizer, checkpoint, device, lr: float) -> tuple[History, _Progress]:
-    state = load_checkpoint(checkpoint, map_location=device)
-    check_config(state["config"], vae.config, checkpoint)
-    vae.load_state_dict(state["model"])
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-        # Adam's moments carry over, but the rate is the one asked for now (the saved one
-        # would silently override it): a run can go on at a lower rate, a step decay
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-    rng = state.get("rng", {})
-    if "torch" in rng:
-        torch.set_rng_state(rng["torch"].cpu())
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-    return History.from_rows(state.get("history", [])), _Progress(**state.get("progress", {}))

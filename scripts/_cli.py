@@ -105,3 +105,60 @@ def load_data(args: argparse.Namespace):
         )
     train, test = split_folder(folder)
     return train, stack_dataset(test)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Where and how training runs (Lightning Fabric's options) and what it logs."""
+    from pyro_vae.engine import PRECISIONS
+
+    group = parser.add_argument_group("devices and logging")
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="shorthand for --accelerator: auto, cpu, cuda or cuda:N",
+    )
+    group.add_argument("--accelerator", default="auto", help="auto, cpu, cuda, ...")
+    group.add_argument(
+        "--devices", default="1", help="processes (devices) per node, e.g. 2, or -1 for all"
+    )
+    group.add_argument("--num-nodes", type=int, default=1, help="machines in the run")
+    group.add_argument(
+        "--strategy", default="auto", help="auto, ddp, ddp_spawn, ... (Lightning Fabric's)"
+    )
+    group.add_argument("--precision", choices=PRECISIONS, default="32-true")
+    group.add_argument(
+        "--logger",
+        action="append",
+        choices=["csv", "tensorboard"],
+        default=[],
+        help="also log to logs/ in the run folder; csv is always written, tensorboard on "
+        "request (repeat the option for both)",
+    )
+
+
+def engine_kwargs(args: argparse.Namespace, out: Path) -> dict:
+    """The training functions' device and logging arguments from :func:`add_engine_args`."""
+    devices: int | str = args.devices
+    try:
+        devices = int(devices)
+    except ValueError:
+        pass  # "auto", or a list such as "0,1" that Fabric parses
+    return {
+        "device": None if args.device == "auto" else args.device,
+        "accelerator": args.accelerator,
+        "devices": devices,
+        "num_nodes": args.num_nodes,
+        "strategy": args.strategy,
+        "precision": args.precision,
+        "loggers": ["csv", *args.logger],
+        "log_dir": out / "logs",
+    }
+
+
+def is_first_process() -> bool:
+    """False in the processes that a launcher (torchrun, Lightning Fabric, SLURM) started
+    besides the first: before training, only the first should write the run folder."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if name in os.environ:
+            return int(os.environ[name]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0

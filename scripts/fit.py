@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pyro
 import torch
-from _cli import add_data_args, load_data, make_out_dir, run_main
+from _cli import (
+    add_data_args,
+    add_engine_args,
+    engine_kwargs,
+    is_first_process,
+    load_data,
+    make_out_dir,
+    run_main,
+)
 
 from pyro_vae import VAE, VAEConfig, fit, plots
 from pyro_vae.config import ARCHS, GAUSSIAN_SIGMAS, LATENTS, LIKELIHOODS
@@ -23,7 +31,7 @@ from pyro_vae.data import ImageSet, fixed_preprocess
 from pyro_vae.errors import CheckpointError, TrainingDivergedError, UsageError
 from pyro_vae.evaluate import bits_per_dim
 from pyro_vae.tokenizer import discrete_metrics
-from pyro_vae.train import ELBOS, TEMPERATURE_SCHEDULES, resolve_device
+from pyro_vae.train import ELBOS, TEMPERATURE_SCHEDULES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,7 +61,18 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--elbo",
         choices=list(ELBOS),
-        help="default: trace; meanfield for relaxed-categorical (exact categorical KL)",
+        help="default: trace; meanfield for relaxed-categorical (exact categorical KL); "
+        "trace and meanfield are fused (no Pyro tracing, the same estimator), trace-pyro and "
+        "meanfield-pyro run Pyro's own classes",
+    )
+    train.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="MODE",
+        help="torch.compile the fused ELBO (optionally a mode, e.g. reduce-overhead for CUDA "
+        "graphs); needs --elbo trace or meanfield",
     )
     train.add_argument("--temperature", type=float, default=1.0, help="Concrete: start")
     train.add_argument("--temperature-floor", type=float, default=0.5, help="Concrete: end")
@@ -69,7 +88,6 @@ def parser() -> argparse.ArgumentParser:
         default=100,
         help="relaxed-categorical: particles of the test IWAE bound (0: skip it)",
     )
-    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--limit", type=int, help="train on the first N images only")
     train.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
@@ -77,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="no progress bars (a line per epoch instead)"
     )
     add_data_args(p)
+    add_engine_args(p)
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, help="run folder (default runs/<likelihood>-<arch>)")
     out.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -100,7 +119,6 @@ def main(args: argparse.Namespace) -> None:
         )
     if args.resume and not checkpoint.exists():
         raise CheckpointError(f"--resume: there is no checkpoint at {checkpoint}")
-    device = resolve_device(args.device)
     train, test = load_data(args)
     if isinstance(train, ImageSet):
         train = train.head(args.limit).images
@@ -112,9 +130,10 @@ def main(args: argparse.Namespace) -> None:
     config = VAEConfig(image_shape=tuple(test.shape[1:]), **options)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     make_out_dir(out)
-    (out / "config.json").write_text(
-        json.dumps({"model": config.to_dict(), "args": settings}, indent=2)
-    )
+    if is_first_process():  # the other processes of a data-parallel run write nothing
+        (out / "config.json").write_text(
+            json.dumps({"model": config.to_dict(), "args": settings}, indent=2)
+        )
 
     pyro.set_rng_seed(args.seed)  # before the VAE: its initial weights are random too
     vae = VAE(config)
@@ -130,7 +149,7 @@ def main(args: argparse.Namespace) -> None:
             warmup=args.warmup,
             elbo=args.elbo or ("meanfield" if args.latent == "relaxed-categorical" else "trace"),
             seed=args.seed,
-            device=device,
+            compile=args.compile,
             num_workers=args.num_workers,
             checkpoint=checkpoint,
             resume=args.resume,
@@ -139,6 +158,7 @@ def main(args: argparse.Namespace) -> None:
             temperature_floor=args.temperature_floor,
             temperature_schedule=args.temperature_schedule,
             temperature_anneal=args.temperature_anneal,
+            **engine_kwargs(args, out),
             # without bars, a line per epoch still shows that a long run is alive
             on_epoch=(lambda record: print(record.summary(args.epochs), flush=True))
             if args.no_progress
@@ -158,6 +178,8 @@ def main(args: argparse.Namespace) -> None:
         )
         error.args = (f"{error}; {kept}",)
         raise
+    if history.rank != 0:
+        return  # process 0 writes the run folder
     write_outputs(out, vae, history, test, args)
     tokens = " tokens.png" if config.latent == "relaxed-categorical" else ""
     print(

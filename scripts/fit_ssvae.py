@@ -16,18 +16,17 @@ import csv
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
-from _cli import make_out_dir, run_main
+from _cli import add_engine_args, engine_kwargs, is_first_process, make_out_dir, run_main
 
-from pyro_vae import load_vae
+from pyro_vae import load_checkpoint, load_vae
 from pyro_vae.config import LIKELIHOODS, VAEConfig
 from pyro_vae.data import load_mnist
 from pyro_vae.errors import CheckpointError, UsageError
-from pyro_vae.ssvae import SSVAE, active_code_dims, balanced_labels, fit_ssvae
-from pyro_vae.train import resolve_device
+from pyro_vae.ssvae import SSVAE, SSVAEEpoch, active_code_dims, balanced_labels, fit_ssvae
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,20 +64,26 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=int, help="use the first N training images only")
     p.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/ssvae"), help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    add_engine_args(p)
     return p
 
 
 def main(args: argparse.Namespace) -> None:
     for name in ("labels_per_class", "epochs", "batch_size", "limit", "test_limit"):
         value = getattr(args, name)
-        if value is not None and value < (0 if name == "epochs" else 1):
+        if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     checkpoint = args.out / "checkpoint.pt"
-    if checkpoint.exists():
-        raise CheckpointError(f"{args.out} already holds a run; choose another --out")
+    if checkpoint.exists() and not args.resume:
+        raise CheckpointError(
+            f"{args.out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    if args.resume and not checkpoint.exists():
+        raise CheckpointError(f"--resume: there is no checkpoint at {checkpoint}")
     if args.all_codes and args.base is None:
         raise UsageError("--all-codes chooses the codes of a --base VAE; pass --base too")
     base = None
@@ -86,7 +91,6 @@ def main(args: argparse.Namespace) -> None:
         if args.likelihood not in (None, "gaussian"):
             raise UsageError("with --base, M2 models continuous codes: --likelihood gaussian")
         base = load_vae(args.base)
-    device = resolve_device(args.device)
     train = load_mnist(args.data_dir, "train").head(args.limit)
     test = load_mnist(args.data_dir, "test").head(args.test_limit)
     chosen = balanced_labels(train.labels, args.labels_per_class, args.seed)
@@ -109,28 +113,17 @@ def main(args: argparse.Namespace) -> None:
         size = base.config.latent_dim
         print(f"M2 models {len(ssvae.code_dims)} of the base's {size} code dimensions")
     make_out_dir(args.out)
+    first = is_first_process()  # the other processes of a data-parallel run write nothing
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (args.out / "config.json").write_text(
-        json.dumps({"model": config.to_dict(), "args": settings}, indent=2)
-    )
-
-    history = []
-
-    def report(record) -> None:
-        history.append(record)
-        accuracy = (
-            "" if record.test_accuracy is None else f"  test accuracy {record.test_accuracy:.4f}"
-        )
-        print(
-            f"epoch {record.epoch}/{args.epochs}  loss {record.train_loss:.2f}{accuracy}"
-            f"  ({record.seconds:.0f} s)",
-            flush=True,
+    if first:
+        (args.out / "config.json").write_text(
+            json.dumps({"model": config.to_dict(), "args": settings}, indent=2)
         )
 
     start = time.perf_counter()
     interrupted = False
     try:
-        fit_ssvae(
+        history = fit_ssvae(
             ssvae,
             train.images[chosen],
             train.labels[chosen],
@@ -141,17 +134,30 @@ def main(args: argparse.Namespace) -> None:
             lr=args.lr,
             aux_weight=args.aux_weight,
             seed=args.seed,
-            device=device,
             checkpoint=checkpoint,
-            on_epoch=report,
+            resume=args.resume,
+            progress=not args.no_progress,
+            # without bars, a line per epoch still shows that a long run is alive
+            on_epoch=(lambda record: print(record.summary(args.epochs), flush=True))
+            if args.no_progress
+            else None,
+            **engine_kwargs(args, args.out),
         )
     except KeyboardInterrupt:
         # the finished epochs are in the checkpoint; report them rather than nothing
         interrupted = True
-        print(f"\ninterrupted after {len(history)} epochs", file=sys.stderr)
+        saved = load_checkpoint(checkpoint) if checkpoint.exists() else {}
+        history = [SSVAEEpoch(**row) for row in saved.get("history", [])]
+        print(
+            f"\ninterrupted after {len(history)} epochs: progress saved in {checkpoint}; "
+            "continue with --resume",
+            file=sys.stderr,
+        )
+    if not first:
+        return
     rows = [asdict(record) for record in history]
     with open(args.out / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "test_accuracy", "seconds"])
+        writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(SSVAEEpoch)])
         writer.writeheader()
         writer.writerows(rows)
     metrics = {
@@ -164,7 +170,8 @@ def main(args: argparse.Namespace) -> None:
         "epochs": len(rows),
         "interrupted": interrupted,
         "wall_seconds": time.perf_counter() - start,
-        "device": str(device),
+        "accelerator": args.device if args.device != "auto" else args.accelerator,
+        "processes": args.devices,
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"test accuracy {metrics['test_accuracy']}; wrote {args.out}/")

@@ -126,7 +126,7 @@ def test_an_out_folder_blocked_by_a_file_is_one_line(script, where, folder_run, 
 def test_fit_ssvae_out_below_a_file_is_one_line(mnist_dir, tmp_path, capsys):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder")
-    args = ["--data-dir", mnist_dir, "--limit", 1000, "--test-limit", 10, "--epochs", 0]
+    args = ["--data-dir", mnist_dir, "--limit", 1000, "--test-limit", 10, "--epochs", 1]
     code = run_script("fit_ssvae.py", *args, "--out", blocker / "run")
     one_line_error(capsys, code, str(blocker / "run"), "is a file")
 

@@ -1,0 +1,564 @@
+"""The one training loop of the package, on Lightning Fabric: from a laptop CPU to many
+GPUs on many nodes.
+
+Every model the package trains supplies an :class:`Objective`: a module whose forward
+pass is the loss of one batch (the negative ELBO, scaled to the whole data set), a
+batch source, its per-step schedules and its per-epoch metric. :func:`train` owns the
+rest, once for all of them:
+
+- devices, processes, precision and loggers, through :class:`lightning_fabric.Fabric`
+  (``accelerator``, ``devices``, ``num_nodes``, ``strategy``, ``precision`` pass straight
+  to it); under DDP the *objective's* module is wrapped, since Pyro's ELBO is not the
+  forward call of the VAE;
+- one Adam optimizer over the trainable parameters, Pyro's param store in a private scope
+  and its per-step validation off (the data are checked before training);
+- every process starting from the same weights (DDP broadcasts rank 0's), drawing its own
+  noise (seed + rank), and training on a disjoint shard of each epoch's shuffled order;
+  the plate is scaled to the whole data set, so DDP's average of the processes'
+  gradients is the whole-data gradient;
+- no host synchronisation per step on an accelerator: the loss is accumulated on the
+  device and read every few steps, and a step whose loss (or, across processes, whose
+  averaged gradient) is not finite is skipped on the device by the optimizer itself, as
+  is every later one until the next read stops the run with the first bad step named;
+- a deferred Ctrl-C, agreed on by all processes; checkpoints with weights, optimizer,
+  progress and every process's RNG state, written atomically by rank 0 alone; resuming.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import check_config, load_checkpoint, save_checkpoint
+from .errors import CheckpointError, TrainingDivergedError, UsageError
+
+#: Fabric precisions offered; the log-densities and KL stay float32 under the mixed ones.
+PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")
+
+
+@dataclass(frozen=True)
+class Devices:
+    """Where and how to train; each field goes to :class:`lightning_fabric.Fabric` as it is.
+
+    ``Devices()`` is one process on CUDA when a GPU is there, else on the CPU.
+    ``Devices(accelerator="cpu", devices=2, strategy="ddp")`` trains two processes on
+    the CPU (gloo); ``Devices(devices=4, num_nodes=2, strategy="ddp",
+    precision="bf16-mixed")`` eight GPUs on two nodes.
+    """
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(
+                f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}"
+            )
+        if self.num_nodes < 1:
+            raise UsageError(f"num_nodes must be at least 1, got {self.num_nodes}")
+
+
+class Objective:
+    """What a model gives the loop. Subclasses set the attributes and override the methods.
+
+    :attr module: the ``nn.Module`` that DDP wraps; ``module(x)`` returns the loss of
+        batch ``x`` (the negative objective, summed over the batch and scaled to the
+        whole data set), and its parameters with ``requires_grad`` are trained.
+    :attr model: the model whose config and ``state_dict`` a checkpoint stores.
+    :attr batches: the batch source (:mod:`pyro_vae.data`), unsharded and on the CPU.
+    :attr record_type: the dataclass of one epoch's record.
+    """
+
+    module: nn.Module
+    model: nn.Module
+    batches: Any
+    record_type: type
+
+    def setup(self, device: torch.device, rank: int, world: int, epochs: int) -> None:
+        """Called in each process once the device is known, before training."""
+
+    def before_step(self, step: int) -> None:
+        """Set what changes with the step (KL weight, temperature) before step ``step``."""
+
+    def record(self, reduce: Callable[[torch.Tensor], torch.Tensor], progress: dict) -> Any:
+        """The record of the epoch that just ended, held-out metric included.
+
+        :param reduce: sums a tensor over all processes (held-out data is sharded: each
+            process evaluates its own part, the sums are combined).
+        :param progress: ``epoch``, ``step``, ``train_loss``, ``seconds``, ``lr``.
+        """
+        raise NotImplementedError
+
+    def checkpoint_extra(self) -> dict:
+        """Entries a checkpoint stores besides the loop's own (e.g. an SSVAE's base)."""
+        return {}
+
+    def images(self) -> dict[str, torch.Tensor]:
+        """Named ``(N, C, H, W)`` images in [0, 1] for image loggers, once an epoch."""
+        return {}
+
+
+class Batch:
+    """A batch handed to the objective's module untouched.
+
+    Under mixed precision, Fabric casts every floating-point tensor passed to a module
+    to the half dtype. The networks run in half precision anyway (autocast), but the
+    data must not: the likelihood scores the data as given, in full precision. So the
+    loop passes each batch inside this holder, which Fabric leaves alone, and the module
+    takes it out with :func:`unwrap`.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+
+
+def unwrap(x: torch.Tensor | Batch) -> torch.Tensor:
+    """The tensor of a :class:`Batch` (or ``x`` itself, when called directly)."""
+    return x.data if isinstance(x, Batch) else x
+
+
+@dataclass
+class Settings:
+    """The loop's options that are not the objective's."""
+
+    epochs: int
+    lr: float
+    seed: int = 0
+    checkpoint: str | Path | None = None
+    resume: bool = False
+    progress: bool = True
+    #: read the device's loss and flags every this many steps (None: 1 on the CPU, else 50).
+    sync_every: int | None = None
+
+
+def make_devices(
+    device: str | torch.device | None,
+    accelerator: str = "auto",
+    devices: int | str | list[int] = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    precision: str = "32-true",
+) -> Devices:
+    """:class:`Devices` from the training functions' arguments, where ``device`` ("cpu",
+    "cuda", "cuda:1") is shorthand for Fabric's ``accelerator`` (and device index)."""
+    if device not in (None, "auto"):
+        accelerator, devices = _from_device(device, devices)
+    return Devices(accelerator, devices, num_nodes, strategy, precision)
+
+
+def _from_device(device, devices):
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise UsageError(f"unknown device {device!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "device 'cuda' was asked for but no CUDA GPU is available; use 'cpu' or 'auto'"
+        )
+    return device.type, [device.index] if device.index is not None else devices
+
+
+def make_loggers(names: Sequence[str], log_dir: str | Path | None) -> list:
+    """Lightning Fabric loggers by name ("csv", "tensorboard"), writing under ``log_dir``."""
+    loggers = []
+    for name in dict.fromkeys(names):
+        if log_dir is None:
+            raise UsageError(f"logger {name!r} needs a log_dir to write to")
+        if name == "csv":
+            from lightning_fabric.loggers import CSVLogger
+
+            # a new version folder per run segment: a resumed run must not overwrite the logs
+            loggers.append(CSVLogger(str(log_dir), name="csv"))
+        elif name == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise UsageError(
+                    "the tensorboard logger needs the tensorboard package: "
+                    "pip install 'pyro_vae[tensorboard]' (or pip install tensorboard)"
+                ) from None
+            from lightning_fabric.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(str(log_dir), name="tensorboard"))
+        else:
+            raise UsageError(f"unknown logger {name!r}; choose csv or tensorboard")
+    return loggers
+
+
+def fabric_for(devices: Devices, loggers: list | None = None):
+    """A :class:`lightning_fabric.Fabric` for ``devices``, with Fabric's own errors about
+    impossible combinations turned into a :class:`UsageError` that names them."""
+    from lightning_fabric import Fabric
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return Fabric(
+            accelerator=devices.accelerator,
+            devices=devices.devices,
+            num_nodes=devices.num_nodes,
+            strategy=devices.strategy,
+            precision=devices.precision,
+            loggers=loggers,
+        )
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as error:
+        raise UsageError(f"cannot train on {devices}: {error}") from None
+
+
+def train(
+    objective: Objective,
+    settings: Settings,
+    devices: Devices,
+    loggers: list | None = None,
+    on_epoch: Callable[[Any], None] | None = None,
+) -> tuple[list, int]:
+    """Train ``objective`` and return (the records of every epoch, this process's rank).
+
+    With a strategy that spawns processes (``ddp_spawn``), training runs in the spawned
+    processes and the trained weights are loaded back into ``objective.model`` here.
+    """
+    fabric = fabric_for(devices, loggers)
+    if _launched_by_cli():  # ``fabric run`` made the processes; launching again is an error
+        return _train_process(fabric, objective, settings, on_epoch)
+    if not _spawns(fabric):
+        return fabric.launch(_train_process, objective, settings, on_epoch)
+    # Spawned processes train copies of the model; the first one leaves its weights in a
+    # file (a large result sent back through the launcher's queue can block it) and they
+    # are loaded here. on_epoch runs here too, once training is over.
+    fd, weights = tempfile.mkstemp(suffix=".pt")
+    os.close(fd)
+    try:
+        records, rank = fabric.launch(_train_process, objective, settings, None, weights)
+        objective.model.load_state_dict(torch.load(weights, weights_only=True))
+    finally:
+        Path(weights).unlink(missing_ok=True)
+    if on_epoch is not None:
+        for record in records:
+            on_epoch(record)
+    return records, rank
+
+
+def _spawns(fabric) -> bool:
+    from lightning_fabric.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(fabric.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+def _launched_by_cli() -> bool:
+    # ``fabric run`` creates the processes itself and forbids launching again
+    return os.environ.get("LT_CLI_USED", "0") == "1"
+
+
+def _train_process(
+    fabric, objective: Objective, settings: Settings, on_epoch, weights: str | None = None
+) -> tuple[list, int]:
+    rank, world = fabric.global_rank, fabric.world_size
+    device = fabric.device
+    pyro.set_rng_seed(settings.seed + rank)  # the same weights everywhere, not the same noise
+    objective.setup(device, rank, world, settings.epochs)
+    module = objective.module.to(device)
+    _materialize(objective)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("the model has no trainable parameters (is it frozen?)")
+    optimizer = torch.optim.Adam(params, lr=settings.lr, fused=_fusable(params))
+    wrapped, fabric_optimizer = fabric.setup(module, optimizer)
+    # batches in the dtype the precision gave the weights (float64 under "64-true")
+    objective.batches.dtype = params[0].dtype
+    run, records = _Progress(), []
+    if settings.resume and settings.checkpoint is not None and Path(settings.checkpoint).exists():
+        records, run = _restore(objective, optimizer, settings, device, rank, world)
+        if run.epoch >= settings.epochs:
+            warnings.warn(
+                f"{settings.checkpoint} already holds {run.epoch} epochs, so training for "
+                f"{settings.epochs} trained nothing; ask for more epochs to continue the run",
+                stacklevel=4,
+            )
+    batches = objective.batches
+    num_data = batches.num_data
+    main = fabric.is_global_zero
+    scaler_skips = _uses_scaler(fabric)
+    # between two reads of the flags, bad steps are skipped by fused Adam on the device;
+    # without it, the flags are read every step, before the step
+    skips_on_device = optimizer.defaults.get("fused", False) and not scaler_skips
+    sync_every = settings.sync_every or (1 if device.type == "cpu" else 50)
+    if not skips_on_device and not scaler_skips:
+        sync_every = 1
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        return fabric.all_reduce(tensor, reduce_op="sum") if world > 1 else tensor
+
+    def save(loss_sum: torch.Tensor | None = None, images: torch.Tensor | None = None) -> None:
+        # collectives: every process takes part
+        state = _rng_states(fabric, world)
+        if loss_sum is not None:  # mid-epoch: the epoch's totals over all processes
+            totals = reduce(torch.stack([loss_sum, images]).double())
+            run.loss_sum, run.images = totals[0].item(), int(totals[1].item())
+        if main and settings.checkpoint is not None:
+            save_checkpoint(
+                settings.checkpoint,
+                objective.model,
+                optimizer=optimizer.state_dict(),
+                progress=asdict(run),
+                history=[asdict(record) for record in records],
+                rng=state,
+                world_size=world,
+                **objective.checkpoint_extra(),
+            )
+        if world > 1:
+            fabric.barrier()
+
+    zero = torch.zeros((), device=device)
+    store = pyro.get_param_store()
+    with store.scope(), pyro.validation_enabled(False), _DeferredInterrupt() as interrupt:
+        start = time.perf_counter()
+        loss_sum = images = None
+        try:
+            while run.epoch < settings.epochs:
+                start = time.perf_counter()
+                # the device-side tallies of this epoch: sum of per-image losses, images,
+                # a sticky "a step went bad" flag and the first bad step
+                # (a resumed epoch's totals so far are shared out over the processes)
+                loss_sum = zero + run.loss_sum / world
+                images = zero + run.images / world
+                halted, first_bad, bad_loss = zero.clone(), zero + math.inf, zero.clone()
+                bar = tqdm(
+                    batches.epoch(run.epoch, run.batch),
+                    total=len(batches),
+                    initial=run.batch,
+                    desc=f"epoch {run.epoch + 1}/{settings.epochs}",
+                    disable=not (settings.progress and main),
+                    leave=False,
+                )
+                for x in bar:
+                    objective.before_step(run.step)
+                    loss = wrapped(Batch(x))  # Fabric's forward runs it under autocast
+                    fabric.backward(loss)
+                    loss = loss.detach().float()
+                    bad = ~torch.isfinite(loss)
+                    if world > 1 and not scaler_skips:
+                        # the averaged gradient is the same in every process: checking it
+                        # keeps them in step when one process's loss alone went bad
+                        grads = [p.grad for p in params if p.grad is not None]
+                        bad = bad | ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+                    first = bad & (halted == 0)
+                    first_bad = torch.where(first, float(run.step + 1), first_bad)
+                    bad_loss = torch.where(first, loss, bad_loss)
+                    halted = torch.maximum(halted, bad.float())
+                    per_image = torch.where(halted > 0, 0.0, loss) * (x.shape[0] / num_data)
+                    loss_sum = loss_sum + per_image
+                    images = images + x.shape[0]
+                    # read the device's flags now and then, before the step is applied
+                    if (run.step + 1) % sync_every == 0 or run.batch + 1 == len(batches):
+                        flags = torch.stack([halted, -first_bad, zero + interrupt.requested])
+                        if world > 1:
+                            flags = fabric.all_reduce(flags, reduce_op="max")
+                        if flags[0] > 0:
+                            raise TrainingDivergedError(int(-flags[1]), bad_loss.item())
+                        stop = flags[2] > 0
+                        if main and settings.progress:
+                            running = (loss_sum / images.clamp(min=1)).item()
+                            bar.set_postfix(loss=f"{running:.2f}")
+                    else:
+                        stop = False
+                    if skips_on_device:
+                        optimizer.found_inf = halted  # fused Adam skips the step on the device
+                    fabric_optimizer.step()
+                    fabric_optimizer.zero_grad(set_to_none=True)
+                    run.batch += 1
+                    run.step += 1
+                    if stop:
+                        raise KeyboardInterrupt
+                run.seconds += time.perf_counter() - start
+                totals = reduce(torch.stack([loss_sum, images]).double())
+                progress = {
+                    "epoch": run.epoch + 1,
+                    "step": run.step,
+                    "train_loss": (totals[0] / totals[1].clamp(min=1)).item(),
+                    "seconds": run.seconds,
+                    "lr": settings.lr,
+                }
+                objective.model.eval()
+                record = objective.record(reduce, progress)
+                objective.model.train()
+                records.append(record)
+                if main and settings.progress:
+                    tqdm.write(_summary(record, settings.epochs))
+                _log(fabric, objective, record, run.epoch + 1)
+                run.next_epoch()
+                loss_sum = images = None
+                save()
+                if on_epoch is not None and main:
+                    on_epoch(record)
+        except KeyboardInterrupt:
+            run.seconds += time.perf_counter() - start
+            save(loss_sum, images)
+            raise
+    objective.model.eval()
+    if weights is not None and main:
+        torch.save({k: v.detach().cpu() for k, v in objective.model.state_dict().items()}, weights)
+    return records, rank
+
+
+def _uses_scaler(fabric) -> bool:
+    """Whether a gradient scaler (16-mixed) skips non-finite steps itself: then the loop
+    must not, as overflowing steps are how the scaler finds its scale."""
+    return getattr(fabric.strategy.precision, "scaler", None) is not None
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """Fused Adam (one kernel, and on-device skipping of bad steps) where torch has it."""
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
+def _materialize(objective: Objective) -> None:
+    """Run one batch through the objective if a layer still has lazy (uninitialized)
+    parameters: DDP must see every parameter before it wraps the module."""
+    lazy = nn.parameter.UninitializedParameter
+    if any(isinstance(p, lazy) for p in objective.module.parameters()):
+        with torch.no_grad():
+            objective.module(Batch(next(iter(objective.batches.epoch(0)))))
+
+
+def _summary(record, epochs: int) -> str:
+    if hasattr(record, "summary"):
+        return record.summary(epochs)
+    return f"epoch {record.epoch}/{epochs}  train loss {record.train_loss:.2f}"
+
+
+def _log(fabric, objective: Objective, record, step: int) -> None:
+    """Scalars of the record to every logger; images to those that take them (rank 0)."""
+    if not fabric.loggers:
+        return
+    scalars = {
+        f.name: getattr(record, f.name)
+        for f in fields(record)
+        if f.name != "epoch" and isinstance(getattr(record, f.name), (int, float))
+    }
+    fabric.log_dict(scalars, step=step)
+    if not fabric.is_global_zero:
+        return
+    images = objective.images()
+    for logger in fabric.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if images and hasattr(experiment, "add_image"):
+            from torchvision.utils import make_grid
+
+            for name, batch in images.items():
+                grid = make_grid(batch.detach().float().cpu().clamp(0, 1), nrow=8, pad_value=1)
+                experiment.add_image(name, grid, global_step=step)
+        logger.save()
+
+
+def _rng_states(fabric, world: int) -> dict:
+    """Every process's torch (and CUDA) RNG state, gathered so rank 0 can store them."""
+    states = {"torch": _gather(torch.get_rng_state(), fabric, world)}
+    if fabric.device.type == "cuda":
+        states["cuda"] = _gather(torch.cuda.get_rng_state(fabric.device), fabric, world)
+    return states
+
+
+def _gather(state: torch.Tensor, fabric, world: int) -> list[torch.Tensor]:
+    """One CPU tensor of every process, in rank order."""
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    own = state.to(fabric.device)
+    everyone = [torch.empty_like(own) for _ in range(world)]
+    dist.all_gather(everyone, own)
+    return [s.cpu() for s in everyone]
+
+
+def _restore(objective: Objective, optimizer, settings: Settings, device, rank: int, world: int):
+    state = load_checkpoint(settings.checkpoint, map_location=device)
+    check_config(state["config"], objective.model.config, settings.checkpoint)
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != world:
+        raise CheckpointError(
+            f"{settings.checkpoint} was written by a run of {saved_world} process(es); resume "
+            f"it with the same number (devices x num_nodes), not {world}"
+        )
+    objective.model.load_state_dict(state["model"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+        # Adam's moments carry over, but the rate is the one asked for now (the saved one
+        # would silently override it): a run can go on at a lower rate, a step decay
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr
+    rng = state.get("rng", {})
+    torch_states = rng.get("torch")
+    if isinstance(torch_states, torch.Tensor):  # written before the states were per process
+        torch_states = [torch_states]
+    if torch_states:
+        torch.set_rng_state(torch_states[rank].cpu())
+    cuda_states = rng.get("cuda")
+    if cuda_states and device.type == "cuda":
+        own = cuda_states[rank] if len(cuda_states) == world else cuda_states[0]
+        torch.cuda.set_rng_state(own.cpu(), device)
+    records = [objective.record_type(**row) for row in state.get("history", [])]
+    progress = {k: v for k, v in state.get("progress", {}).items() if k in _PROGRESS_FIELDS}
+    return records, _Progress(**progress)
+
+
+class _DeferredInterrupt:
+    """Turns the first Ctrl-C into a request that the loop honours between two steps
+    (every process at the same step), so the checkpoint written on interruption holds a
+    consistent state. A second Ctrl-C stops at once. Outside the main thread, where
+    handlers cannot be set, Ctrl-C acts as usual."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class _Progress:
+    """Where a run stands; stored in checkpoints so a resumed run picks up mid-epoch."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    #: this process's sum of per-image losses over the epoch so far, and its images
+    loss_sum: float = 0.0
+    images: int = 0
+    seconds: float = 0.0
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch, self.loss_sum, self.images, self.seconds = 0, 0.0, 0, 0.0
+
+
+_PROGRESS_FIELDS = {f.name for f in fields(_Progress)}

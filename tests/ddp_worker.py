@@ -1,0 +1,79 @@
+"""One process of a two-process CPU (gloo) run for tests/test_engine.py, started with
+``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py MODE OUT MNIST``.
+
+Each process writes what it ended with to ``OUT/rank<r>.pt``, so the test can compare the
+processes with each other and with a single-process reference.
+
+- ``fit``: the VAE trained by ``pyro_vae.fit`` (2 epochs, a checkpoint), then resumed
+  for a third epoch; writes the weights.
+- ``ssvae``: the M2 model trained by ``fit_ssvae``; writes the weights and accuracy.
+- ``gradient``: one backward pass of the ELBO module under DDP on each process's half of
+  a batch, each with its own seed; writes the averaged gradients.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyro
+import torch
+
+from pyro_vae import VAE, fit
+from pyro_vae.data import fixed_preprocess, load_mnist
+from pyro_vae.engine import Devices, fabric_for
+from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae
+from pyro_vae.train import ELBOLoss
+
+#: what both test and worker build: a small VAE from a fixed seed
+VAE_OPTIONS = {"latent_dim": 4, "hidden": 32}
+GRADIENT_SEED, NUM_DATA, HALF = 100, 1000, 16
+DDP = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "progress": False}
+
+
+def small_vae() -> VAE:
+    pyro.set_rng_seed(0)
+    return VAE(**VAE_OPTIONS)
+
+
+def gradient_batch(mnist: Path) -> torch.Tensor:
+    return fixed_preprocess(load_mnist(mnist, "test").images[: 2 * HALF], "binarize")
+
+
+def main(mode: str, out: Path, mnist: Path) -> None:
+    if mode == "fit":
+        train = load_mnist(mnist, "train").images[:1000]
+        vae = small_vae()
+        checkpoint = out / "checkpoint.pt"
+        fit(vae, train, train[:200], epochs=2, batch_size=100, checkpoint=checkpoint, **DDP)
+        history = fit(
+            vae, train, train[:200], epochs=3, batch_size=100, checkpoint=checkpoint,
+            resume=True, **DDP,
+        )  # fmt: skip
+        result = {"weights": vae.state_dict(), "history": history.to_rows(), "rank": history.rank}
+    elif mode == "ssvae":
+        pool = load_mnist(mnist, "train").head(1000)
+        labelled = balanced_labels(pool.labels, 5)
+        pyro.set_rng_seed(0)
+        ssvae = SSVAE(latent_dim=4, hidden=32)
+        test = load_mnist(mnist, "test").head(200)
+        history = fit_ssvae(
+            ssvae, pool.images[labelled], pool.labels[labelled], pool.images,
+            (test.images, test.labels), epochs=2, batch_size=100, aux_weight=5.0, **DDP,
+        )  # fmt: skip
+        result = {"weights": ssvae.state_dict(), "accuracy": history[-1].test_accuracy}
+    else:
+        fabric = fabric_for(Devices(accelerator="cpu", devices=2, strategy="ddp"))
+        fabric.launch()
+        vae = small_vae()
+        module = fabric.setup_module(ELBOLoss(vae, "trace", NUM_DATA))
+        x = gradient_batch(mnist)[fabric.global_rank * HALF : (fabric.global_rank + 1) * HALF]
+        pyro.set_rng_seed(GRADIENT_SEED + fabric.global_rank)
+        fabric.backward(module(x))
+        result = {name: p.grad for name, p in vae.named_parameters()}
+    rank = torch.distributed.get_rank()
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))

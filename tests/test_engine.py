@@ -1,0 +1,289 @@
+"""The one training loop (pyro_vae.engine): data-parallel runs on the CPU (gloo, two
+processes), mixed precision, loggers, sharding, and the JIT's constants."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+from pyro.infer import JitTrace_ELBO, Trace_ELBO
+
+from pyro_vae import VAE, CheckpointError, UsageError, fit, load_checkpoint
+from pyro_vae.data import TensorBatches
+from tests import ddp_worker
+from tests.helpers import REPO, run_script
+
+
+def launch_two(mode: str, out: Path, mnist: Path) -> list[dict]:
+    """Run tests/ddp_worker.py in two processes as torchrun does; return what each wrote."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(29500 + os.getpid() % 1000), str(REPO / "tests" / "ddp_worker.py"),
+        mode, str(out), str(mnist),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_two_processes_train_identical_weights_and_resume_from_one_checkpoint(mnist_dir, tmp_path):
+    first, second = launch_two("fit", tmp_path, mnist_dir)
+    assert (first["rank"], second["rank"]) == (0, 1)
+    for name, weight in first["weights"].items():
+        assert torch.equal(weight, second["weights"][name]), name
+    assert not torch.equal(first["weights"]["encoder.net.1.weight"],
+                           ddp_worker.small_vae().state_dict()["encoder.net.1.weight"])  # fmt: skip
+    history = first["history"]
+    # 1000 images in 2 shards of 500, batches of 100: 5 steps an epoch; resumed to 3 epochs
+    assert [row["step"] for row in history] == [5, 10, 15]
+    assert history[-1]["test_elbo"] > history[0]["test_elbo"]
+    # the processes agree on the reduced figures (their clocks differ)
+    for mine, theirs in zip(history, second["history"], strict=True):
+        assert mine["test_elbo"] == theirs["test_elbo"]
+        assert mine["train_loss"] == theirs["train_loss"]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["checkpoint.pt", "rank0.pt", "rank1.pt"]
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["world_size"] == 2 and len(saved["rng"]["torch"]) == 2
+    assert not torch.equal(*saved["rng"]["torch"])  # each process draws its own noise
+
+
+def test_the_average_of_two_processes_gradients_is_the_whole_batch_gradient(mnist_dir, tmp_path):
+    """DDP averages; the plate scales each half to the data set; so the result is the
+    gradient of the whole batch's ELBO estimate, with the same noise."""
+    distributed = launch_two("gradient", tmp_path, mnist_dir)
+    for name in distributed[0]:
+        assert torch.equal(distributed[0][name], distributed[1][name])
+    x = ddp_worker.gradient_batch(mnist_dir)
+    vae = ddp_worker.small_vae()
+    halves = []
+    for rank in range(2):
+        vae.zero_grad()
+        pyro.set_rng_seed(ddp_worker.GRADIENT_SEED + rank)
+        part = x[rank * ddp_worker.HALF : (rank + 1) * ddp_worker.HALF]
+        Trace_ELBO().differentiable_loss(
+            vae.model, vae.guide, part, num_data=ddp_worker.NUM_DATA
+        ).backward()
+        halves.append({n: p.grad.clone() for n, p in vae.named_parameters()})
+    for name, grad in distributed[0].items():
+        whole = (halves[0][name] + halves[1][name]) / 2
+        torch.testing.assert_close(grad, whole, rtol=1e-4, atol=1e-4)
+    assert any(g.abs().sum() > 0 for g in distributed[0].values())
+
+
+def test_two_processes_train_the_semi_supervised_model(mnist_dir, tmp_path):
+    first, second = launch_two("ssvae", tmp_path, mnist_dir)
+    for name, weight in first["weights"].items():
+        assert torch.equal(weight, second["weights"][name]), name
+    assert first["accuracy"] == second["accuracy"] > 0.3
+
+
+def test_the_fit_script_runs_two_processes(mnist_dir, tmp_path):
+    """The README's multi-process command: Lightning starts the second process itself."""
+    out = tmp_path / "run"
+    command = [
+        sys.executable, str(REPO / "scripts" / "fit.py"), "--devices", "2", "--accelerator",
+        "cpu", "--strategy", "ddp", "--epochs", "1", "--limit", "4000", "--test-limit", "500",
+        "--latent-dim", "4", "--hidden", "32", "--data-dir", str(mnist_dir), "--out", str(out),
+        "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("config.json", "history.csv", "metrics.json", "checkpoint.pt", "samples.png"):
+        assert (out / name).is_file(), name
+    assert (out / "logs" / "csv").is_dir()
+    # 4000 images, 2 shards of 2000, batches of 256: 8 steps
+    assert load_checkpoint(out / "checkpoint.pt")["progress"]["step"] == 8
+
+
+# ---------------------------------------------------------------- in one process
+def test_shards_are_disjoint_cover_the_data_and_take_equal_steps():
+    images = torch.arange(10).reshape(10, 1, 1, 1).to(torch.uint8)
+    seen = []
+    for rank in range(3):
+        batches = TensorBatches(images, 2, seed=1)
+        batches.shard(rank, 3)
+        assert len(batches) == 2  # ceil(ceil(10 / 3) / 2) for every process
+        seen.append(torch.cat(list(batches.epoch(0))).flatten().tolist())
+    flat = [i for shard in seen for i in shard]
+    assert sorted(set(flat)) == list(range(10))
+    assert len(flat) == 12  # 2 wrapped around to pad the last shard
+    whole = TensorBatches(images, 2, seed=1)
+    assert torch.cat(list(whole.epoch(0))).flatten().tolist() != list(range(10))  # shuffled
+
+
+def test_bf16_mixed_precision_stays_finite_and_close_to_float32(mnist_train, mnist_test):
+    results = {}
+    for precision in ("32-true", "bf16-mixed"):
+        pyro.set_rng_seed(0)
+        vae = VAE(latent_dim=8, hidden=64)
+        history = fit(vae, mnist_train.images[:3000], mnist_test.images[:500], epochs=2,
+                      batch_size=100, precision=precision, device="cpu",
+                      progress=False)  # fmt: skip
+        results[precision] = history.epochs[-1]
+        assert all(torch.isfinite(p).all() for p in vae.parameters())
+    full, half = results["32-true"], results["bf16-mixed"]
+    # the networks in bfloat16 (8 bits of mantissa), the densities in float32: within 2%
+    assert abs(half.test_elbo - full.test_elbo) < 0.02 * abs(full.test_elbo)
+    assert abs(half.train_loss - full.train_loss) < 0.02 * full.train_loss
+
+
+def test_tensorboard_receives_every_scalar_and_the_images(mnist_train, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    vae = VAE(latent="relaxed-categorical", groups=4, classes=4, hidden=32)
+    fit(vae, mnist_train.images[:600], mnist_train.images[:100], epochs=2, batch_size=100,
+        warmup=1, elbo="meanfield", loggers=["csv", "tensorboard"], log_dir=tmp_path,
+        device="cpu", progress=False)  # fmt: skip
+    events = list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(events) == 1
+    accumulator = EventAccumulator(str(events[0]), size_guidance={"images": 0})
+    accumulator.Reload()
+    for name in ("train_loss", "test_elbo", "kl_weight", "temperature", "lr", "seconds"):
+        assert [e.step for e in accumulator.Scalars(name)] == [1, 2], name
+    assert [e.value for e in accumulator.Scalars("kl_weight")] == [1.0, 1.0]
+    assert accumulator.Scalars("kl_weight")[0].value == 1.0  # warm-up of 1 epoch done
+    assert set(accumulator.Tags()["images"]) == {"samples", "reconstructions"}
+    assert list((tmp_path / "csv").rglob("metrics.csv"))
+
+
+def test_an_unknown_logger_or_missing_log_dir_is_named():
+    vae = VAE(latent_dim=4, hidden=16)
+    x = torch.zeros(8, 1, 28, 28)
+    with pytest.raises(UsageError, match="log_dir"):
+        fit(vae, x, epochs=1, loggers=["csv"], progress=False)
+    with pytest.raises(UsageError, match="unknown logger"):
+        fit(vae, x, epochs=1, loggers=["wandb"], log_dir="x", progress=False)
+    with pytest.raises(UsageError, match="precision"):
+        fit(vae, x, epochs=1, precision="8-bit", progress=False)
+
+
+def test_jit_bakes_the_temperature_so_fit_refuses_a_schedule_with_it():
+    """JitTrace_ELBO compiles Python numbers as constants: the temperature of its first
+    call stays for good, which an annealing schedule would silently defeat."""
+    vae = VAE(latent_dim=4, hidden=16)
+    x = (torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    relaxed = VAE(latent="relaxed-categorical", groups=2, classes=3, hidden=16)
+    # bound once, as a training loop does: JitTrace_ELBO compiles once per program
+    model, guide = relaxed.model, relaxed.guide
+    values = {}
+    for name, elbo in (("eager", Trace_ELBO()), ("jit", JitTrace_ELBO())):
+        for temperature in (1.0, 1.0, 0.3, 3.0):
+            relaxed.latent.temperature = temperature
+            pyro.set_rng_seed(0)
+            values[name, temperature] = elbo.differentiable_loss(model, guide, x).item()
+    assert len({values["eager", t] for t in (1.0, 0.3, 3.0)}) == 3
+    # the temperature of the first call is in the graph for good
+    assert values["jit", 1.0] == values["jit", 0.3] == values["jit", 3.0]
+    with pytest.raises(UsageError, match="warm-up"):
+        fit(vae, x, epochs=1, elbo="jit", warmup=1, progress=False)
+    relaxed.latent.temperature = 1.0
+    with pytest.raises(UsageError, match="temperature"):
+        fit(relaxed, x, epochs=1, elbo="jit", progress=False)
+    history = fit(relaxed, x, epochs=1, elbo="jit", temperature_schedule="constant",
+                  progress=False)  # fmt: skip
+    assert len(history.epochs) == 1
+
+
+def test_a_resume_with_another_number_of_processes_is_refused(mnist_train, tmp_path):
+    vae = VAE(latent_dim=4, hidden=16)
+    checkpoint = tmp_path / "c.pt"
+    fit(vae, mnist_train.images[:200], epochs=1, checkpoint=checkpoint, progress=False)
+    state = torch.load(checkpoint, weights_only=True)
+    state["world_size"] = 2
+    torch.save(state, checkpoint)
+    with pytest.raises(CheckpointError, match="2 process"):
+        fit(vae, mnist_train.images[:200], epochs=2, checkpoint=checkpoint, resume=True,
+            progress=False)  # fmt: skip
+
+
+def test_fit_ssvae_script_resumes(mnist_dir, tmp_path):
+    out = tmp_path / "m2"
+    common = ["--data-dir", mnist_dir, "--limit", 600, "--test-limit", 100, "--latent-dim", 4,
+              "--hidden", 32, "--labels-per-class", 2, "--out", out, "--no-progress"]  # fmt: skip
+    assert run_script("fit_ssvae.py", *common, "--epochs", 1) == 0
+    assert run_script("fit_ssvae.py", *common, "--epochs", 2, "--resume") == 0
+    rows = (out / "history.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,train_loss,test_accuracy")
+
+
+def test_ssvae_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(mnist_train, tmp_path):
+    from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae
+
+    pool = mnist_train.head(300)
+    labelled = balanced_labels(pool.labels, 2)
+    data = (pool.images[labelled], pool.labels[labelled], pool.images)
+    options = {"epochs": 2, "batch_size": 50, "aux_weight": 1.0, "device": "cpu"}
+
+    pyro.set_rng_seed(0)
+    reference = SSVAE(latent_dim=4, hidden=32)
+    fit_ssvae(reference, *data, **options)
+
+    pyro.set_rng_seed(0)
+    ssvae = SSVAE(latent_dim=4, hidden=32)
+    calls = {"n": 0}
+
+    def press_ctrl_c(module, inputs):
+        calls["n"] += 1
+        if calls["n"] == 17:  # in the 3rd step of epoch 2 (6 steps an epoch, 2 calls a step)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    hook = ssvae.classifier.register_forward_pre_hook(press_ctrl_c)
+    path = tmp_path / "m2.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit_ssvae(ssvae, *data, checkpoint=path, **options)
+    hook.remove()
+    progress = load_checkpoint(path)["progress"]
+    assert (progress["epoch"], progress["batch"], progress["step"]) == (1, 3, 9)
+
+    pyro.set_rng_seed(1)  # the checkpoint's RNG state, not this, must decide what follows
+    resumed = SSVAE(latent_dim=4, hidden=32)
+    history = fit_ssvae(resumed, *data, checkpoint=path, resume=True, **options)
+    assert [record.epoch for record in history] == [1, 2]
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
+def test_fit_script_writes_tensorboard_events_in_the_run_folder(mnist_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    code = run_script(
+        "fit.py", "--data-dir", mnist_dir, "--out", out, "--epochs", 1, "--limit", 500,
+        "--test-limit", 100, "--latent-dim", 4, "--hidden", 32, "--logger", "tensorboard",
+        "--no-progress", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0
+    (events,) = (out / "logs" / "tensorboard").rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert {"train_loss", "test_elbo", "kl_weight", "lr", "seconds"} <= set(
+        accumulator.Tags()["scalars"]
+    )
+    assert list((out / "logs" / "csv").rglob("metrics.csv"))
+
+
+def test_fit_trains_identically_with_the_fused_and_pyros_elbo():
+    """fit's default ("trace", fused) and Pyro's own Trace_ELBO ("trace-pyro"): the same
+    run, epoch for epoch, from the same seed."""
+    generator = torch.Generator().manual_seed(0)
+    images = (torch.rand(300, 1, 28, 28, generator=generator) * 255).to(torch.uint8)
+    runs = {}
+    for elbo in ("trace", "trace-pyro", "meanfield", "meanfield-pyro"):
+        pyro.set_rng_seed(0)
+        vae = VAE(latent_dim=4, hidden=16)
+        history = fit(vae, images, images[:100], epochs=2, batch_size=50, elbo=elbo,
+                      beta=0.5, warmup=1, device="cpu", progress=False)  # fmt: skip
+        runs[elbo] = history.column("test_elbo"), vae.state_dict()
+    for fused, plain in (("trace", "trace-pyro"), ("meanfield", "meanfield-pyro")):
+        assert runs[fused][0] == pytest.approx(runs[plain][0], rel=1e-5)
+        for name, weight in runs[fused][1].items():
+            torch.testing.assert_close(weight, runs[plain][1][name], rtol=1e-4, atol=1e-5)
