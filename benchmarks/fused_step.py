@@ -37,8 +37,8 @@ from speed import plain_loss
 
 from pyro_vae import VAE
 from pyro_vae.data import load_mnist
+from pyro_vae.engine import resolve_device
 from pyro_vae.fused import FusedTrace_ELBO
-from pyro_vae.train import resolve_device
 
 BATCH = 256
 

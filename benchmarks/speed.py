@@ -1,15 +1,24 @@
 #!/usr/bin/env python
 """Epoch time of pyro_vae.fit against a plain PyTorch loop training the same network.
 
-Both train the MLP 784-400-50 with a Bernoulli likelihood on dynamically binarized
-MNIST (all 60,000 training images, held on the device, batches of 256 by shuffled
-index), Adam at 1e-3, with the same single-sample ELBO estimate as the loss. A third
-contender follows Pyro's VAE example: ``SVI`` with ``pyro.optim.Adam`` and a
-``DataLoader`` per batch. Epochs of the contenders are interleaved, the first of each
-round rotating, so that load on a shared machine and warm-up hit them alike; the table
-gives every epoch and the ratios of medians.
+Every contender trains the MLP 784-400-50 with a Bernoulli likelihood on dynamically
+binarized MNIST (all 60,000 training images, held on the device, batches of 256 by
+shuffled index) with Adam at 1e-3 (the fused implementation, which ``fit`` uses, in
+every loop) and the same single-sample ELBO estimate as the loss:
 
-    python benchmarks/speed.py --data-dir ../shared/data --epochs 5
+- plain: the negative ELBO written by hand, as a PyTorch user would (:func:`plain_loss`);
+- plain-compiled: the same step with the loss through ``torch.compile``;
+- fit-pyro: ``pyro_vae.fit`` with Pyro's own ``Trace_ELBO`` (``elbo="trace-pyro"``);
+- fit: ``pyro_vae.fit``'s default, the fused ``Trace_ELBO`` (no Pyro tracing);
+- fit-compiled: the fused ELBO through ``torch.compile`` (``compile=True``);
+- pyro-example (``--example``): Pyro's VAE example, ``SVI`` with ``pyro.optim.Adam`` and
+  a ``DataLoader`` per batch.
+
+Epochs of the contenders are interleaved, the first of each round rotating, so that load
+on a shared machine hits them alike. The first round is warm-up (compilation) and left
+out; the table gives the other epochs, the medians, ratios to plain, and ms per step.
+
+    python benchmarks/speed.py --data-dir ../shared/data --epochs 6
 """
 
 from __future__ import annotations
@@ -29,8 +38,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pyro_vae import VAE, fit
 from pyro_vae.data import TensorBatches, load_mnist, preprocess
+from pyro_vae.engine import resolve_device
 from pyro_vae.latents import MIN_SCALE
-from pyro_vae.train import resolve_device
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -48,11 +57,12 @@ def plain_loss(vae: VAE, x: torch.Tensor, num_data: int) -> torch.Tensor:
     return -(log_lik + log_prior - log_q) * (num_data / x.shape[0])
 
 
-def plain_epoch(vae: VAE, optimizer, batches: TensorBatches, epoch: int) -> float:
-    """One epoch of the plain loop: :func:`plain_loss`, backward, Adam."""
+def plain_epoch(vae: VAE, optimizer, batches: TensorBatches, epoch: int, loss_fn=None) -> float:
+    """One epoch of the plain loop: :func:`plain_loss` (or ``loss_fn``), backward, Adam."""
+    loss_fn = loss_fn or plain_loss
     start = time.perf_counter()
     for images in batches.epoch(epoch):
-        loss = plain_loss(vae, preprocess(images, "binarize"), batches.num_data)
+        loss = loss_fn(vae, preprocess(images, "binarize"), batches.num_data)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -77,91 +87,88 @@ def _sync(tensor: torch.Tensor) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=6, help="rounds; the first is warm-up")
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--elbo", default="trace", help="fit's ELBO: trace (the default), jit, meanfield"
-    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--example", action="store_true", help="also Pyro's VAE example loop")
+    p.add_argument("--no-compile", action="store_true", help="leave out compiled contenders")
     args = p.parse_args()
+    if args.epochs < 2:
+        p.error("--epochs must be at least 2: the first round is warm-up")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     images = load_mnist(args.data_dir, "train").images
     n = images.shape[0]
+    batches = TensorBatches(images, 256, device)
 
-    torch.manual_seed(0)
-    package = VAE()
-    torch.manual_seed(0)
-    plain = VAE()
-    plain.to(device)
-    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
-    plain_batches = TensorBatches(images, 256, device)
-    torch.manual_seed(0)
-    example = VAE(name="example").to(device)
-    loader = DataLoader(TensorDataset(images), batch_size=256, shuffle=True)
-    svi = SVI(example.model, example.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    def plain_contender(compiled: bool):
+        torch.manual_seed(0)
+        vae = VAE().to(device)
+        optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, fused=True)
+        loss_fn = torch.compile(plain_loss) if compiled else plain_loss
+        return lambda epoch: plain_epoch(vae, optimizer, batches, epoch, loss_fn)
 
-    rows = []
+    def fit_contender(name: str, **options):
+        torch.manual_seed(0)
+        vae = VAE()
+        checkpoint = Path(tmp) / f"{name}.pt"
+
+        def epoch_seconds(epoch: int) -> float:
+            history = fit(vae, images, epochs=epoch + 1, batch_size=256, lr=1e-3,
+                          device=device, checkpoint=checkpoint, resume=True, progress=False,
+                          **options)  # fmt: skip
+            return history.epochs[-1].seconds
+
+        return epoch_seconds
+
+    def example_contender():
+        torch.manual_seed(0)
+        example = VAE(name="example").to(device)
+        loader = DataLoader(TensorDataset(images), batch_size=256, shuffle=True)
+        svi = SVI(example.model, example.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+
+        def epoch_seconds(epoch: int) -> float:
+            with pyro.get_param_store().scope():
+                return example_epoch(svi, loader, device, n)
+
+        return epoch_seconds
+
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(tmp) / "bench.pt"
+        contenders = {
+            "plain": plain_contender(False),
+            "plain-compiled": plain_contender(True),
+            "fit-pyro": fit_contender("fit-pyro", elbo="trace-pyro"),
+            "fit": fit_contender("fit", elbo="trace"),
+            "fit-compiled": fit_contender("fit-compiled", elbo="trace", compile=True),
+        }
+        if args.no_compile:
+            del contenders["plain-compiled"], contenders["fit-compiled"]
+        if args.example:
+            contenders["pyro-example"] = example_contender()
+        names = list(contenders)
+        seconds: dict[str, list[float]] = {name: [] for name in names}
         for epoch in range(args.epochs):
-
-            def package_epoch(epoch: int = epoch) -> float:
-                history = fit(
-                    package,
-                    images,
-                    epochs=epoch + 1,
-                    batch_size=256,
-                    lr=1e-3,
-                    device=device,
-                    checkpoint=checkpoint,
-                    resume=True,
-                    progress=False,
-                    elbo=args.elbo,
-                )
-                return history.epochs[-1].seconds
-
-            def pyro_example_epoch() -> float:
-                with pyro.get_param_store().scope():
-                    return example_epoch(svi, loader, device, n)
-
-            def plain_pytorch_epoch(epoch: int = epoch) -> float:
-                return plain_epoch(plain, plain_opt, plain_batches, epoch)
-
-            contenders = (package_epoch, plain_pytorch_epoch, pyro_example_epoch)
             # rotate who goes first, so that warm-up and drift favour none of them
-            seconds = {i: contenders[i]() for i in ((epoch + k) % 3 for k in range(3))}
-            package_s, plain_s, example_s = seconds[0], seconds[1], seconds[2]
-            rows.append((package_s, plain_s, example_s))
-            print(
-                f"epoch {epoch + 1}: pyro_vae.fit {package_s:6.2f} s   plain {plain_s:6.2f} s   "
-                f"pyro-example {example_s:6.2f} s   ratio fit/plain {package_s / plain_s:.3f}   "
-                f"example/plain {example_s / plain_s:.3f}",
-                flush=True,
-            )
+            for k in range(len(names)):
+                name = names[(epoch + k) % len(names)]
+                seconds[name].append(contenders[name](epoch))
+            line = "   ".join(f"{name} {seconds[name][-1]:6.2f} s" for name in names)
+            print(f"epoch {epoch + 1}{' (warm-up)' if epoch == 0 else ''}: {line}", flush=True)
 
-    fit_med, plain_med, example_med = (statistics.median(c) for c in zip(*rows, strict=True))
+    steps = len(batches)
+    medians = {name: statistics.median(values[1:]) for name, values in seconds.items()}
     print(
-        f"\nfit with elbo={args.elbo}; device {device}, torch threads {torch.get_num_threads()}, "
-        f"{args.epochs} epochs, {n} images, batch 256"
+        f"\ndevice {device}, torch threads {torch.get_num_threads()}, {args.epochs - 1} "
+        f"epochs after warm-up, {n} images, batch 256, {steps} steps an epoch\n"
     )
-    print(
-        f"median epoch: pyro_vae.fit {fit_med:.2f} s, plain PyTorch {plain_med:.2f} s, "
-        f"Pyro-example style {example_med:.2f} s"
-    )
-    print(
-        f"ratio of medians: fit/plain = {fit_med / plain_med:.3f}, "
-        f"example/plain = {example_med / plain_med:.3f}"
-    )
-    # the package's cost is a fixed amount per step (Pyro's tracing), so say it per step
-    steps = len(plain_batches)
-    per_step = {k: v / steps * 1e3 for k, v in (("fit", fit_med), ("plain", plain_med))}
-    print(
-        f"per step ({steps} steps an epoch): fit costs {per_step['fit'] - per_step['plain']:+.2f}"
-        f" ms against the plain loop's {per_step['plain']:.2f} ms, the Pyro-example loop "
-        f"{(example_med - plain_med) / steps * 1e3:+.2f} ms"
-    )
+    print("| contender | median epoch (s) | ms per step | ratio to plain |")
+    print("| --- | --- | --- | --- |")
+    for name in names:
+        print(
+            f"| {name} | {medians[name]:.2f} | {medians[name] / steps * 1e3:.2f} | "
+            f"{medians[name] / medians['plain']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -165,7 +165,10 @@ def make_devices(
     return Devices(accelerator, devices, num_nodes, strategy, precision)
 
 
-def _from_device(device, devices):
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """ "auto" (or None) picks CUDA when a GPU is there, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except RuntimeError as error:
@@ -174,6 +177,11 @@ def _from_device(device, devices):
         raise UsageError(
             "device 'cuda' was asked for but no CUDA GPU is available; use 'cpu' or 'auto'"
         )
+    return device
+
+
+def _from_device(device, devices):
+    device = resolve_device(device)
     return device.type, [device.index] if device.index is not None else devices
 
 
@@ -306,11 +314,11 @@ def _train_process(
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         return fabric.all_reduce(tensor, reduce_op="sum") if world > 1 else tensor
 
-    def save(loss_sum: torch.Tensor | None = None, images: torch.Tensor | None = None) -> None:
+    def save(tally: _HostTally | _DeviceTally | None = None) -> None:
         # collectives: every process takes part
         state = _rng_states(fabric, world)
-        if loss_sum is not None:  # mid-epoch: the epoch's totals over all processes
-            totals = reduce(torch.stack([loss_sum, images]).double())
+        if tally is not None:  # mid-epoch: the epoch's totals over all processes
+            totals = reduce(tally.totals(device))
             run.loss_sum, run.images = totals[0].item(), int(totals[1].item())
         if main and settings.checkpoint is not None:
             save_checkpoint(
@@ -326,20 +334,19 @@ def _train_process(
         if world > 1:
             fabric.barrier()
 
-    zero = torch.zeros((), device=device)
+    host = world == 1 and device.type == "cpu" and not scaler_skips
     store = pyro.get_param_store()
     with store.scope(), pyro.validation_enabled(False), _DeferredInterrupt() as interrupt:
         start = time.perf_counter()
-        loss_sum = images = None
+        tally = None
         try:
             while run.epoch < settings.epochs:
                 start = time.perf_counter()
-                # the device-side tallies of this epoch: sum of per-image losses, images,
-                # a sticky "a step went bad" flag and the first bad step
                 # (a resumed epoch's totals so far are shared out over the processes)
-                loss_sum = zero + run.loss_sum / world
-                images = zero + run.images / world
-                halted, first_bad, bad_loss = zero.clone(), zero + math.inf, zero.clone()
+                if host:
+                    tally = _HostTally(run.loss_sum, run.images)
+                else:
+                    tally = _DeviceTally(device, run.loss_sum / world, run.images / world)
                 bar = tqdm(
                     batches.epoch(run.epoch, run.batch),
                     total=len(batches),
@@ -352,35 +359,20 @@ def _train_process(
                     objective.before_step(run.step)
                     loss = wrapped(Batch(x))  # Fabric's forward runs it under autocast
                     fabric.backward(loss)
-                    loss = loss.detach().float()
-                    bad = ~torch.isfinite(loss)
+                    grads = None
                     if world > 1 and not scaler_skips:
                         # the averaged gradient is the same in every process: checking it
                         # keeps them in step when one process's loss alone went bad
                         grads = [p.grad for p in params if p.grad is not None]
-                        bad = bad | ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
-                    first = bad & (halted == 0)
-                    first_bad = torch.where(first, float(run.step + 1), first_bad)
-                    bad_loss = torch.where(first, loss, bad_loss)
-                    halted = torch.maximum(halted, bad.float())
-                    per_image = torch.where(halted > 0, 0.0, loss) * (x.shape[0] / num_data)
-                    loss_sum = loss_sum + per_image
-                    images = images + x.shape[0]
-                    # read the device's flags now and then, before the step is applied
+                    tally.add(loss.detach(), x.shape[0], num_data, run.step + 1, grads)
+                    stop = False
+                    # read the flags now and then, before the step is applied
                     if (run.step + 1) % sync_every == 0 or run.batch + 1 == len(batches):
-                        flags = torch.stack([halted, -first_bad, zero + interrupt.requested])
-                        if world > 1:
-                            flags = fabric.all_reduce(flags, reduce_op="max")
-                        if flags[0] > 0:
-                            raise TrainingDivergedError(int(-flags[1]), bad_loss.item())
-                        stop = flags[2] > 0
+                        stop = tally.check(interrupt.requested, fabric if world > 1 else None)
                         if main and settings.progress:
-                            running = (loss_sum / images.clamp(min=1)).item()
-                            bar.set_postfix(loss=f"{running:.2f}")
-                    else:
-                        stop = False
+                            bar.set_postfix(loss=f"{tally.running():.2f}")
                     if skips_on_device:
-                        optimizer.found_inf = halted  # fused Adam skips the step on the device
+                        optimizer.found_inf = tally.found_inf()  # skipped on the device
                     fabric_optimizer.step()
                     fabric_optimizer.zero_grad(set_to_none=True)
                     run.batch += 1
@@ -388,7 +380,7 @@ def _train_process(
                     if stop:
                         raise KeyboardInterrupt
                 run.seconds += time.perf_counter() - start
-                totals = reduce(torch.stack([loss_sum, images]).double())
+                totals = reduce(tally.totals(device))
                 progress = {
                     "epoch": run.epoch + 1,
                     "step": run.step,
@@ -404,18 +396,95 @@ def _train_process(
                     tqdm.write(_summary(record, settings.epochs))
                 _log(fabric, objective, record, run.epoch + 1)
                 run.next_epoch()
-                loss_sum = images = None
+                tally = None
                 save()
                 if on_epoch is not None and main:
                     on_epoch(record)
         except KeyboardInterrupt:
             run.seconds += time.perf_counter() - start
-            save(loss_sum, images)
+            save(tally)
             raise
     objective.model.eval()
     if weights is not None and main:
         torch.save({k: v.detach().cpu() for k, v in objective.model.state_dict().items()}, weights)
     return records, rank
+
+
+class _HostTally:
+    """The epoch's running loss and the divergence check for one process on the CPU,
+    where reading the loss costs nothing: each step's loss is read and checked at once."""
+
+    def __init__(self, loss_sum: float, images: float):
+        self.loss_sum, self.images = loss_sum, images
+        self.bad: tuple[int, float] | None = None
+
+    def add(self, loss: torch.Tensor, images: int, num_data: int, step: int, grads=None) -> None:
+        """Record step ``step``'s loss of ``images`` images, scaled to ``num_data``."""
+        value = loss.item()
+        if not math.isfinite(value):
+            self.bad = (step, value)
+            return
+        self.loss_sum += value * images / num_data  # the batch's sum of per-image losses
+        self.images += images
+
+    def check(self, interrupted: bool, fabric=None) -> bool:
+        """Raise if a step went bad; say whether Ctrl-C asks to stop."""
+        if self.bad is not None:
+            raise TrainingDivergedError(*self.bad)
+        return interrupted
+
+    def running(self) -> float:
+        return self.loss_sum / max(self.images, 1)
+
+    def found_inf(self) -> torch.Tensor | None:
+        return None  # a bad step raised before the optimizer could take it
+
+    def totals(self, device: torch.device) -> torch.Tensor:
+        """(sum of per-image losses, images) of the epoch so far, as a tensor."""
+        return torch.tensor([self.loss_sum, self.images], dtype=torch.float64, device=device)
+
+
+class _DeviceTally:
+    """The same, kept on the device, for accelerators and for several processes: no host
+    synchronisation per step. A sticky flag marks the first non-finite step, whose number
+    and loss are kept; :meth:`found_inf` lets fused Adam skip that step and every later
+    one on the device, until :meth:`check` reads the flags (agreed on by all processes)."""
+
+    def __init__(self, device: torch.device, loss_sum: float, images: float):
+        zero = torch.zeros((), device=device)
+        self.zero = zero
+        self.loss_sum, self.images = zero + loss_sum, zero + images
+        self.halted, self.first_bad, self.bad_loss = zero.clone(), zero + math.inf, zero.clone()
+
+    def add(self, loss: torch.Tensor, images: int, num_data: int, step: int, grads=None) -> None:
+        loss = loss.float()
+        bad = ~torch.isfinite(loss)
+        if grads is not None:
+            bad = bad | ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        first = bad & (self.halted == 0)
+        self.first_bad = torch.where(first, float(step), self.first_bad)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
+        self.halted = torch.maximum(self.halted, bad.float())
+        per_image = torch.where(self.halted > 0, 0.0, loss) * (images / num_data)
+        self.loss_sum = self.loss_sum + per_image
+        self.images = self.images + images
+
+    def check(self, interrupted: bool, fabric=None) -> bool:
+        flags = torch.stack([self.halted, -self.first_bad, self.zero + interrupted])
+        if fabric is not None:
+            flags = fabric.all_reduce(flags, reduce_op="max")
+        if flags[0] > 0:
+            raise TrainingDivergedError(int(-flags[1]), self.bad_loss.item())
+        return bool(flags[2] > 0)
+
+    def running(self) -> float:
+        return (self.loss_sum / self.images.clamp(min=1)).item()
+
+    def found_inf(self) -> torch.Tensor:
+        return self.halted
+
+    def totals(self, device: torch.device) -> torch.Tensor:
+        return torch.stack([self.loss_sum, self.images]).double()
 
 
 def _uses_scaler(fabric) -> bool:

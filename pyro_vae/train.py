@@ -89,21 +89,6 @@ class History:
         return [getattr(record, name) for record in self.epochs]
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """ "auto" (or None) picks CUDA when a GPU is there, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as error:
-        raise UsageError(f"unknown device {device!r}: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            "device 'cuda' was asked for but no CUDA GPU is available; use 'cpu' or 'auto'"
-        )
-    return device
-
-
 def kl_weight_at(step: int, beta: float, warmup_steps: float) -> float:
     """beta, ramped linearly from 0 over the first ``warmup_steps`` steps (Bowman et al.)."""
     if warmup_steps <= 0:

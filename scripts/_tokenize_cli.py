@@ -10,9 +10,9 @@ from _cli import add_data_args, load_data, make_out_dir
 
 from pyro_vae import load_vae, plots
 from pyro_vae.data import ImageSet, stack_dataset
+from pyro_vae.engine import resolve_device
 from pyro_vae.errors import DataError, UsageError
 from pyro_vae.tokenizer import codebook_usage, tokenize_images
-from pyro_vae.train import resolve_device
 
 #: marks a token file as ours, like the checkpoint format tag.
 TOKENS_FORMAT = "pyro_vae.tokens"

@@ -16,9 +16,10 @@ from _cli import add_data_args, load_data, make_out_dir, run_main
 
 from pyro_vae import plots
 from pyro_vae.checkpoint import load_checkpoint, load_vae
+from pyro_vae.engine import resolve_device
 from pyro_vae.errors import UsageError
 from pyro_vae.evaluate import evaluate_vae, kl_per_unit, prepare_held_out
-from pyro_vae.train import History, resolve_device
+from pyro_vae.train import History
 
 
 def parser() -> argparse.ArgumentParser:

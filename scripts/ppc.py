@@ -15,8 +15,8 @@ from _cli import add_data_args, load_data, make_out_dir, run_main
 
 from pyro_vae import plots, ppc
 from pyro_vae.checkpoint import load_vae
+from pyro_vae.engine import resolve_device
 from pyro_vae.errors import UsageError
-from pyro_vae.train import resolve_device
 
 #: how many held-out images the image grids show, and how many replicate rows.
 GRID_IMAGES, GRID_DRAWS = 12, 5

@@ -62,3 +62,28 @@ def test_stacked_ssvae_trains_on_the_gpu_and_loads_on_the_cpu(tmp_path):
     on_cpu = load_ssvae(tmp_path / "m1m2.pt", map_location="cpu")
     assert on_cpu.code_dims == dims
     assert torch.equal(on_cpu.classify(x), ssvae.classify(x.cuda()).cpu())
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_on_the_gpu_stays_finite_and_near_float32(precision):
+    images = (torch.rand(512, 1, 28, 28) * 255).to(torch.uint8)
+    results = {}
+    for name in ("32-true", precision):
+        torch.manual_seed(0)
+        vae = VAE(latent_dim=8, hidden=64)
+        history = fit(vae, images, images[:128], epochs=2, batch_size=64, device="cuda",
+                      precision=name, progress=False)  # fmt: skip
+        results[name] = history.epochs[-1].test_elbo
+    assert abs(results[precision] - results["32-true"]) < 0.02 * abs(results["32-true"])
+
+
+def test_compiled_fused_training_on_the_gpu_matches_eager():
+    images = (torch.rand(512, 1, 28, 28) * 255).to(torch.uint8)
+    results = {}
+    for compile in (False, True):
+        torch.manual_seed(0)
+        vae = VAE(latent_dim=8, hidden=64)
+        history = fit(vae, images, images[:128], epochs=3, batch_size=64, device="cuda",
+                      compile=compile, progress=False)  # fmt: skip
+        results[compile] = history.epochs[-1].test_elbo
+    assert abs(results[True] - results[False]) < 0.02 * abs(results[False])

@@ -287,3 +287,25 @@ def test_fit_trains_identically_with_the_fused_and_pyros_elbo():
         assert runs[fused][0] == pytest.approx(runs[plain][0], rel=1e-5)
         for name, weight in runs[fused][1].items():
             torch.testing.assert_close(weight, runs[plain][1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_the_device_tally_skips_every_step_from_the_first_bad_one_and_names_it():
+    """What accelerators and several processes use: no read of the loss per step; the
+    first non-finite step and every later one are skipped by fused Adam on the device."""
+    from pyro_vae.engine import _DeviceTally
+    from pyro_vae.errors import TrainingDivergedError
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.Adam([weight], lr=0.1, fused=True)
+    tally = _DeviceTally(torch.device("cpu"), 0.0, 0)
+    losses = [10.0, 20.0, float("nan"), 30.0]
+    for step, value in enumerate(losses, start=1):
+        tally.add(torch.tensor(value), 5, 10, step)
+        weight.grad = torch.ones(3)
+        before = weight.detach().clone()
+        optimizer.found_inf = tally.found_inf()
+        optimizer.step()
+        assert torch.equal(weight, before) == (step >= 3), step
+    assert tally.totals(torch.device("cpu")).tolist() == [15.0, 20.0]  # (10 + 20) / 2, 4 x 5
+    with pytest.raises(TrainingDivergedError, match="step 3"):
+        tally.check(False)
