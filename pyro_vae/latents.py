@@ -6,12 +6,15 @@ networks are sized from it rather than from the latent dimension directly.
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.distributions.relaxed_straight_through import QuantizeCategorical
 from torch import nn
 from torch.distributions import kl_divergence, register_kl
+from torch.distributions.utils import _standard_normal
 
 from .config import VAEConfig
 from .errors import UsageError
@@ -19,6 +22,50 @@ from .likelihoods import full_precision
 
 #: the smallest posterior standard deviation: softplus alone underflows to exactly 0.
 MIN_SCALE = 1e-5
+
+
+#: log of the standard normal density's normalizer, sqrt(2 pi).
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class StandardNormal(dist.Normal):
+    """N(0, 1) (``loc`` 0 and ``scale`` 1, broadcast to a batch shape) whose log-density is
+    ``-z^2 / 2 - log sqrt(2 pi)``: two operations where the general Normal's takes seven,
+    the same value and gradient. The prior of :class:`GaussianLatent`."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return (
+            (value * value)
+            .mul(-0.5)
+            .sub(HALF_LOG_2PI)
+            .expand(torch.broadcast_shapes(value.shape, self.batch_shape))
+        )
+
+
+class DiagonalNormal(dist.Normal):
+    """A Normal whose reparameterized draws ``z = loc + scale * eps`` carry their noise
+    ``eps``, so that the log-density of such a draw, *under the distribution that drew
+    it*, is ``-eps^2 / 2 - log scale - log sqrt(2 pi)``. That is the general formula with
+    ``(z - loc) / scale = eps`` substituted: the same value, and the same gradient (the
+    pathwise terms of the general formula cancel exactly), in three operations instead of
+    seven. Any other value, or a draw scored by another distribution, takes the general
+    formula. The posterior of :class:`GaussianLatent`."""
+
+    def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
+        value = self.loc + eps * self.scale
+        # the version counter tells if the draw was changed in place since
+        value._noise = (self, eps, value._version)
+        return value
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        owner, eps, version = getattr(value, "_noise", (None, None, None))
+        if owner is not self or version != value._version or self._validate_args:
+            return super().log_prob(value)
+        return (eps * eps).mul(-0.5) - self.scale.log() - HALF_LOG_2PI
 
 
 class GaussianLatent:
@@ -42,12 +89,12 @@ class GaussianLatent:
     def prior(self, batch_shape: torch.Size, like: torch.Tensor) -> dist.TorchDistribution:
         """N(0, I) for ``batch_shape`` data points, on the device and dtype of ``like``."""
         loc = like.new_zeros(()).expand((*batch_shape, self.dim))
-        return dist.Normal(loc, like.new_ones(())).to_event(1)
+        return StandardNormal(loc, like.new_ones(()).expand_as(loc)).to_event(1)
 
     def posterior(self, encoded: torch.Tensor) -> dist.TorchDistribution:
         """q(z | x) from the encoder output ``(..., 2 * dim)``."""
         loc, raw_scale = full_precision(encoded).split(self.dim, dim=-1)
-        return dist.Normal(loc, F.softplus(raw_scale) + MIN_SCALE).to_event(1)
+        return DiagonalNormal(loc, F.softplus(raw_scale) + MIN_SCALE).to_event(1)
 
     def code(self, encoded: torch.Tensor) -> torch.Tensor:
         """The single most representative z for an input: the posterior mean."""
