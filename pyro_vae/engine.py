@@ -94,6 +94,11 @@ class Objective:
     def setup(self, device: torch.device, rank: int, world: int, epochs: int) -> None:
         """Called in each process once the device is known, before training."""
 
+    def use_dtype(self, dtype: torch.dtype) -> None:
+        """Called once Fabric has set up the weights (``"64-true"`` makes them float64):
+        data must reach the model in ``dtype``. Subclasses cast their held-out data too."""
+        self.batches.dtype = dtype
+
     def before_step(self, step: int) -> None:
         """Set what changes with the step (KL weight, temperature) before step ``step``."""
 
@@ -165,6 +170,16 @@ def make_devices(
     return Devices(accelerator, devices, num_nodes, strategy, precision)
 
 
+def _from_device(device, devices):
+    device = resolve_device(device)
+    if device.index is not None and devices != 1:
+        raise UsageError(
+            f"device={str(device)!r} names one device, but devices={devices!r} asks for more; "
+            "pass accelerator and devices (e.g. devices=[0, 1]) instead"
+        )
+    return device.type, [device.index] if device.index is not None else devices
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """ "auto" (or None) picks CUDA when a GPU is there, else the CPU."""
     if device in (None, "auto"):
@@ -178,11 +193,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             "device 'cuda' was asked for but no CUDA GPU is available; use 'cpu' or 'auto'"
         )
     return device
-
-
-def _from_device(device, devices):
-    device = resolve_device(device)
-    return device.type, [device.index] if device.index is not None else devices
 
 
 def make_loggers(names: Sequence[str], log_dir: str | Path | None) -> list:
@@ -289,8 +299,8 @@ def _train_process(
         raise UsageError("the model has no trainable parameters (is it frozen?)")
     optimizer = torch.optim.Adam(params, lr=settings.lr, fused=_fusable(params))
     wrapped, fabric_optimizer = fabric.setup(module, optimizer)
-    # batches in the dtype the precision gave the weights (float64 under "64-true")
-    objective.batches.dtype = params[0].dtype
+    # data in the dtype the precision gave the weights (float64 under "64-true")
+    objective.use_dtype(params[0].dtype)
     run, records = _Progress(), []
     if settings.resume and settings.checkpoint is not None and Path(settings.checkpoint).exists():
         records, run = _restore(objective, optimizer, settings, device, rank, world)
@@ -307,20 +317,25 @@ def _train_process(
     # between two reads of the flags, bad steps are skipped by fused Adam on the device;
     # without it, the flags are read every step, before the step
     skips_on_device = optimizer.defaults.get("fused", False) and not scaler_skips
-    sync_every = settings.sync_every or (1 if device.type == "cpu" else 50)
-    if not skips_on_device and not scaler_skips:
+    # one process on the CPU reads each step's loss (it costs nothing there), as does
+    # an optimizer that cannot skip a step on the device
+    host = world == 1 and device.type == "cpu" and not scaler_skips
+    sync_every = settings.sync_every or 50
+    if host or (not skips_on_device and not scaler_skips):
         sync_every = 1
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         return fabric.all_reduce(tensor, reduce_op="sum") if world > 1 else tensor
 
     def save(tally: _HostTally | _DeviceTally | None = None) -> None:
+        if settings.checkpoint is None:
+            return
         # collectives: every process takes part
         state = _rng_states(fabric, world)
         if tally is not None:  # mid-epoch: the epoch's totals over all processes
             totals = reduce(tally.totals(device))
             run.loss_sum, run.images = totals[0].item(), int(totals[1].item())
-        if main and settings.checkpoint is not None:
+        if main:
             save_checkpoint(
                 settings.checkpoint,
                 objective.model,
@@ -334,7 +349,6 @@ def _train_process(
         if world > 1:
             fabric.barrier()
 
-    host = world == 1 and device.type == "cpu" and not scaler_skips
     store = pyro.get_param_store()
     with store.scope(), pyro.validation_enabled(False), _DeferredInterrupt() as interrupt:
         start = time.perf_counter()
@@ -360,8 +374,9 @@ def _train_process(
                     loss = wrapped(Batch(x))  # Fabric's forward runs it under autocast
                     fabric.backward(loss)
                     grads = None
-                    if world > 1 and not scaler_skips:
-                        # the averaged gradient is the same in every process: checking it
+                    if not host and not scaler_skips:
+                        # a finite loss can still have a non-finite gradient; and the
+                        # averaged gradient is the same in every process, so checking it
                         # keeps them in step when one process's loss alone went bad
                         grads = [p.grad for p in params if p.grad is not None]
                     tally.add(loss.detach(), x.shape[0], num_data, run.step + 1, grads)
@@ -422,7 +437,7 @@ class _HostTally:
         """Record step ``step``'s loss of ``images`` images, scaled to ``num_data``."""
         value = loss.item()
         if not math.isfinite(value):
-            self.bad = (step, value)
+            self.bad = self.bad or (step, value)
             return
         self.loss_sum += value * images / num_data  # the batch's sum of per-image losses
         self.images += images
@@ -454,7 +469,8 @@ class _DeviceTally:
         zero = torch.zeros((), device=device)
         self.zero = zero
         self.loss_sum, self.images = zero + loss_sum, zero + images
-        self.halted, self.first_bad, self.bad_loss = zero.clone(), zero + math.inf, zero.clone()
+        self.halted, self.first_bad = zero.clone(), zero + math.inf
+        self.bad_loss = zero - math.inf  # below any process's loss, for the max across them
 
     def add(self, loss: torch.Tensor, images: int, num_data: int, step: int, grads=None) -> None:
         loss = loss.float()
@@ -463,18 +479,25 @@ class _DeviceTally:
             bad = bad | ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
         first = bad & (self.halted == 0)
         self.first_bad = torch.where(first, float(step), self.first_bad)
-        self.bad_loss = torch.where(first, loss, self.bad_loss)
+        # the first bad step's loss, or +inf for "the loss itself was not finite"
+        self.bad_loss = torch.where(first, torch.where(torch.isfinite(loss), loss, math.inf),
+                                    self.bad_loss)  # fmt: skip
         self.halted = torch.maximum(self.halted, bad.float())
         per_image = torch.where(self.halted > 0, 0.0, loss) * (images / num_data)
         self.loss_sum = self.loss_sum + per_image
         self.images = self.images + images
 
     def check(self, interrupted: bool, fabric=None) -> bool:
-        flags = torch.stack([self.halted, -self.first_bad, self.zero + interrupted])
+        # every process reaches the same verdict and message: the earliest bad step, and
+        # whether any process's loss (not only the averaged gradient) was not finite
+        flags = torch.stack([self.halted, -self.first_bad, self.zero + interrupted, self.bad_loss])
         if fabric is not None:
             flags = fabric.all_reduce(flags, reduce_op="max")
         if flags[0] > 0:
-            raise TrainingDivergedError(int(-flags[1]), self.bad_loss.item())
+            loss = flags[3].item()
+            if math.isinf(loss):
+                raise TrainingDivergedError(int(-flags[1]), float("nan"))
+            raise TrainingDivergedError(int(-flags[1]), loss, gradient=True)
         return bool(flags[2] > 0)
 
     def running(self) -> float:
@@ -525,10 +548,11 @@ def _log(fabric, objective: Objective, record, step: int) -> None:
     fabric.log_dict(scalars, step=step)
     if not fabric.is_global_zero:
         return
-    images = objective.images()
+    takers = [logger for logger in fabric.loggers if type(logger).__name__ == "TensorBoardLogger"]
+    images = objective.images() if takers else {}
     for logger in fabric.loggers:
-        experiment = getattr(logger, "experiment", None)
-        if images and hasattr(experiment, "add_image"):
+        experiment = logger.experiment if logger in takers else None
+        if images and experiment is not None:
             from torchvision.utils import make_grid
 
             for name, batch in images.items():
@@ -620,7 +644,7 @@ class _Progress:
     epoch: int = 0
     batch: int = 0
     step: int = 0
-    #: this process's sum of per-image losses over the epoch so far, and its images
+    #: the sum of per-image losses over the epoch so far, and the images, over all processes
     loss_sum: float = 0.0
     images: int = 0
     seconds: float = 0.0

@@ -17,10 +17,14 @@ class CheckpointError(ValueError):
 class TrainingDivergedError(RuntimeError):
     """The training loss stopped being finite; ``step`` is the first bad optimizer step."""
 
-    def __init__(self, step: int, loss: float):
+    def __init__(self, step: int, loss: float, gradient: bool = False):
+        what = (
+            f"the gradient became non-finite (loss {loss:.6g})"
+            if gradient
+            else f"training loss became {loss}"
+        )
         super().__init__(
-            f"training loss became {loss} at step {step}; stopped before applying that step "
-            f"(try a lower learning rate)"
+            f"{what} at step {step}; stopped before applying that step (try a lower learning rate)"
         )
         self.step = step
         self.loss = loss

@@ -456,6 +456,11 @@ class SSVAEObjective(Objective):
             x, y = self.test
             self.local_test = x[rank::world].to(device), y[rank::world].to(device)
 
+    def use_dtype(self, dtype: torch.dtype) -> None:
+        super().use_dtype(dtype)
+        if self.local_test is not None:
+            self.local_test = self.local_test[0].to(dtype), self.local_test[1]
+
     def record(self, reduce, progress: dict) -> SSVAEEpoch:
         accuracy = None
         if self.local_test is not None:

@@ -219,8 +219,13 @@ def fit(
         raise UsageError(f"unknown elbo {elbo!r}; choose one of: {', '.join(ELBOS)}")
     if epochs < 1:
         raise UsageError(f"epochs={epochs}: fit would train nothing; ask for at least 1 epoch")
-    if batch_size < 1 or lr <= 0 or beta < 0 or warmup < 0:
-        raise UsageError("need batch_size >= 1, lr > 0, beta >= 0, warmup >= 0")
+    if batch_size < 1 or lr <= 0 or warmup < 0:
+        raise UsageError("need batch_size >= 1, lr > 0, warmup >= 0")
+    if beta <= 0:
+        raise UsageError(
+            f"beta={beta}: the KL weight must be positive (Pyro scales the latent site by "
+            "it, and a scale of 0 is not allowed); for almost no KL use a small beta, 1e-3"
+        )
     if temperature_schedule not in TEMPERATURE_SCHEDULES:
         raise UsageError(
             f"unknown temperature schedule {temperature_schedule!r}; "
@@ -383,6 +388,11 @@ class VAEObjective(Objective):
         self.schedule = (start, floor, shape, anneal_steps)
         # each process scores its own slice of the held-out images
         self.local_test = None if self.test_x is None else self.test_x[rank::world].to(device)
+
+    def use_dtype(self, dtype: torch.dtype) -> None:
+        super().use_dtype(dtype)
+        if self.local_test is not None:
+            self.local_test = self.local_test.to(dtype)
 
     def kl_weight(self, step: int) -> float:
         return kl_weight_at(step, self.beta, self.warmup_steps)

@@ -214,10 +214,11 @@ def write_outputs(out: Path, vae: VAE, history, test: torch.Tensor, args) -> Non
         metrics.update(discrete_metrics(vae, test, args.iwae_particles, final.get("train_loss")))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-    device = next(vae.parameters()).device
+    weight = next(vae.parameters())
     plots.save(plots.loss_curves(history), out / "loss.png")
     with torch.no_grad():
-        originals = fixed_preprocess(test[:32].to(device), vae.likelihood.preprocessing)
+        originals = fixed_preprocess(test[:32].to(weight.device), vae.likelihood.preprocessing)
+        originals = originals.to(weight.dtype)  # float64 under --precision 64-true
         plots.save(
             plots.reconstructions(originals, vae.reconstruct(originals)),
             out / "reconstructions.png",

@@ -309,3 +309,37 @@ def test_the_device_tally_skips_every_step_from_the_first_bad_one_and_names_it()
     assert tally.totals(torch.device("cpu")).tolist() == [15.0, 20.0]  # (10 + 20) / 2, 4 x 5
     with pytest.raises(TrainingDivergedError, match="step 3"):
         tally.check(False)
+
+
+def test_float64_training_with_held_out_data_and_the_script(mnist_train, mnist_dir, tmp_path):
+    vae = VAE(latent_dim=4, hidden=16)
+    history = fit(vae, mnist_train.images[:200], mnist_train.images[:50], epochs=1,
+                  batch_size=50, precision="64-true", device="cpu", progress=False)  # fmt: skip
+    assert next(vae.parameters()).dtype == torch.float64
+    assert history.epochs[0].test_elbo < 0
+    code = run_script(
+        "fit.py", "--data-dir", mnist_dir, "--out", tmp_path / "run", "--epochs", 1,
+        "--limit", 300, "--test-limit", 50, "--latent-dim", 4, "--hidden", 16,
+        "--precision", "64-true", "--no-progress", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0 and (tmp_path / "run" / "reconstructions.png").is_file()
+
+
+def test_a_zero_kl_weight_and_a_device_with_many_devices_are_named():
+    vae = VAE(latent_dim=4, hidden=16)
+    x = torch.zeros(8, 1, 28, 28)
+    with pytest.raises(UsageError, match="beta=0"):
+        fit(vae, x, epochs=1, beta=0, progress=False)
+    with pytest.raises(UsageError, match="names one device"):
+        fit(vae, x, epochs=1, device="cpu:0", devices=2, progress=False)
+
+
+def test_the_host_tally_names_the_first_bad_step_even_when_read_late():
+    from pyro_vae.engine import _HostTally
+    from pyro_vae.errors import TrainingDivergedError
+
+    tally = _HostTally(0.0, 0)
+    for step, value in enumerate([1.0, float("nan"), float("inf")], start=1):
+        tally.add(torch.tensor(value), 4, 8, step)
+    with pytest.raises(TrainingDivergedError, match="nan at step 2"):
+        tally.check(False)

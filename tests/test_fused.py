@@ -503,3 +503,26 @@ def test_compiled_fused_loss_equals_eager_and_takes_weight_and_temperature_as_in
             losses.add(eager.item())
     assert len(losses) == 3  # the inputs changed the loss ...
     assert counter.frame_count == 1  # ... and compiled code took them without recompiling
+
+
+def test_fits_compiled_elbo_module_equals_eager_through_the_schedules():
+    """What fit(compile=True) runs: ELBOLoss with compile, its KL weight and temperature
+    set by the schedules between steps, against the same module eager."""
+    unavailable = _compile_unavailable()
+    if unavailable:
+        pytest.skip(unavailable)
+    from pyro_vae.train import ELBOLoss
+
+    vae = tiny_vae(latent="relaxed-categorical", image_shape=(1, 8, 8))
+    x = data_for(vae)
+    eager, compiled = ELBOLoss(vae, "trace", NUM_DATA), ELBOLoss(vae, "trace", NUM_DATA, True)
+    patch = torch._inductor.config.patch(fallback_random=True, compile_threads=1)
+    with patch, pyro.validation_enabled(False):
+        for weight, temperature in ((0.2, 1.5), (0.9, 0.5)):
+            for module in (eager, compiled):
+                module.weight = weight
+            vae.latent.temperature = temperature
+            pyro.set_rng_seed(3)
+            expected = eager(x)
+            pyro.set_rng_seed(3)
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=0.0)
