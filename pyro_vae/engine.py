@@ -384,7 +384,7 @@ def _train_process(
                     # read the flags now and then, before the step is applied
                     if (run.step + 1) % sync_every == 0 or run.batch + 1 == len(batches):
                         stop = tally.check(interrupt.requested, fabric if world > 1 else None)
-                        if main and settings.progress:
+                        if main and settings.progress and (run.batch + 1) % 10 == 0:
                             bar.set_postfix(loss=f"{tally.running():.2f}")
                     if skips_on_device:
                         optimizer.found_inf = tally.found_inf()  # skipped on the device

@@ -184,7 +184,7 @@ def main(args: argparse.Namespace) -> None:
     tokens = " tokens.png" if config.latent == "relaxed-categorical" else ""
     print(
         f"wrote {out}/: config.json history.csv metrics.json checkpoint.pt loss.png "
-        f"reconstructions.png samples.png{tokens}"
+        f"reconstructions.png samples.png{tokens} logs/"
     )
 
 
