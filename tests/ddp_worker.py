@@ -7,6 +7,7 @@ processes with each other and with a single-process reference.
 - ``fit``: the VAE trained by ``pyro_vae.fit`` (2 epochs, a checkpoint), then resumed
   for a third epoch; writes the weights.
 - ``ssvae``: the M2 model trained by ``fit_ssvae``; writes the weights and accuracy.
+- ``diverge``: process 1's loss becomes NaN at step 3; writes the error each process got.
 - ``gradient``: one backward pass of the ELBO module under DDP on each process's half of
   a batch, each with its own seed; writes the averaged gradients.
 """
@@ -22,6 +23,7 @@ import torch
 from pyro_vae import VAE, fit
 from pyro_vae.data import fixed_preprocess, load_mnist
 from pyro_vae.engine import Devices, fabric_for
+from pyro_vae.errors import TrainingDivergedError
 from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae
 from pyro_vae.train import ELBOLoss
 
@@ -62,6 +64,24 @@ def main(mode: str, out: Path, mnist: Path) -> None:
             (test.images, test.labels), epochs=2, batch_size=100, aux_weight=5.0, **DDP,
         )  # fmt: skip
         result = {"weights": ssvae.state_dict(), "accuracy": history[-1].test_accuracy}
+    elif mode == "diverge":
+        # process 1's third step gets a NaN code: every process must stop at that step
+        train = load_mnist(mnist, "train").images[:1000]
+        vae = small_vae()
+        calls = {"n": 0}
+
+        def poison(module, inputs):
+            calls["n"] += 1
+            if torch.distributed.get_rank() == 1 and calls["n"] == 3:
+                return (inputs[0] * float("nan"),)
+            return None
+
+        vae.decoder.register_forward_pre_hook(poison)
+        try:
+            fit(vae, train, epochs=1, batch_size=50, checkpoint=out / "checkpoint.pt", **DDP)
+            result = {"error": None}
+        except TrainingDivergedError as error:
+            result = {"error": str(error), "step": error.step}
     else:
         fabric = fabric_for(Devices(accelerator="cpu", devices=2, strategy="ddp"))
         fabric.launch()

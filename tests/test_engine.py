@@ -78,6 +78,15 @@ def test_the_average_of_two_processes_gradients_is_the_whole_batch_gradient(mnis
     assert any(g.abs().sum() > 0 for g in distributed[0].values())
 
 
+def test_a_divergence_in_one_process_stops_both_with_the_same_message(mnist_dir, tmp_path):
+    first, second = launch_two("diverge", tmp_path, mnist_dir)
+    assert first["error"] is not None and first["error"] == second["error"]
+    assert first["step"] == second["step"] == 3
+    assert "nan at step 3" in first["error"]
+    # no epoch finished, so no checkpoint was written, and none half-written either
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_two_processes_train_the_semi_supervised_model(mnist_dir, tmp_path):
     first, second = launch_two("ssvae", tmp_path, mnist_dir)
     for name, weight in first["weights"].items():
