@@ -36,12 +36,11 @@ class StandardNormal(dist.Normal):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return (
-            (value * value)
-            .mul(-0.5)
-            .sub(HALF_LOG_2PI)
-            .expand(torch.broadcast_shapes(value.shape, self.batch_shape))
-        )
+        log_density = (value * value).mul(-0.5).sub(HALF_LOG_2PI)
+        batch = self.batch_shape
+        if value.shape[value.dim() - len(batch) :] == batch:
+            return log_density  # the usual case; broadcast_shapes is slow in Python
+        return log_density.expand(torch.broadcast_shapes(value.shape, batch))
 
 
 class DiagonalNormal(dist.Normal):
