@@ -176,8 +176,8 @@ def fit(
         (``TraceMeanField_ELBO``, analytic KL where it exists), each as its fused subclass
         (:mod:`pyro_vae.fused`: the package's own VAE computed without Pyro's tracing, equal
         in value and gradient); "trace-pyro" and "meanfield-pyro" run Pyro's own classes;
-        "jit" is ``JitTrace_ELBO``, which compiles the temperature as a constant, so it
-        refuses a warm-up or an annealed temperature.
+        "jit" is ``JitTrace_ELBO``, which compiles the KL weight and the temperature as
+        constants, so it refuses a warm-up or an annealed temperature.
     :param compile: run the fused ELBO through ``torch.compile`` (True, or a compile mode
         such as "reduce-overhead" for CUDA graphs); needs elbo "trace" or "meanfield".
     :param seed: seeds Pyro/torch, the shuffling and the noise of training (process
@@ -211,7 +211,8 @@ def fit(
         (default: all ``epochs``).
     :param on_epoch: called (in the first process) with each epoch's
         :class:`EpochRecord` once its checkpoint is written, e.g. to log when
-        ``progress=False`` or to stop early by raising.
+        ``progress=False``, or, in a run of one process, to stop early by raising (with
+        several, the others would wait for it; under ``ddp_spawn`` it runs after training).
     :raises TrainingDivergedError: when the loss stops being finite; the bad step is
         not applied, and ``checkpoint`` keeps the last good epoch.
     """

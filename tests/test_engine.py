@@ -175,9 +175,9 @@ def test_an_unknown_logger_or_missing_log_dir_is_named():
         fit(vae, x, epochs=1, precision="8-bit", progress=False)
 
 
-def test_jit_bakes_the_temperature_so_fit_refuses_a_schedule_with_it():
-    """JitTrace_ELBO compiles Python numbers as constants: the temperature of its first
-    call stays for good, which an annealing schedule would silently defeat."""
+def test_jit_bakes_temperature_and_kl_weight_so_fit_refuses_their_schedules():
+    """JitTrace_ELBO compiles Python numbers as constants: the temperature and KL weight
+    of its first call stay for good, which a schedule would silently defeat."""
     vae = VAE(latent_dim=4, hidden=16)
     x = (torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)) < 0.3).float()
     relaxed = VAE(latent="relaxed-categorical", groups=2, classes=3, hidden=16)
@@ -192,6 +192,17 @@ def test_jit_bakes_the_temperature_so_fit_refuses_a_schedule_with_it():
     assert len({values["eager", t] for t in (1.0, 0.3, 3.0)}) == 3
     # the temperature of the first call is in the graph for good
     assert values["jit", 1.0] == values["jit", 0.3] == values["jit", 3.0]
+    # and so is the KL weight (a warm-up's schedule)
+    jit, model, guide, weighted = JitTrace_ELBO(), vae.model, vae.guide, []
+    for weight in (0.5, 0.5, 0.1):
+        pyro.set_rng_seed(0)
+        with vae.kl_weight(weight):
+            weighted.append(jit.differentiable_loss(model, guide, x).item())
+    assert weighted[1] == weighted[2]  # compiled at 0.5, the 0.1 never reached the graph
+    pyro.set_rng_seed(0)
+    with vae.kl_weight(0.1):
+        eager = Trace_ELBO().differentiable_loss(model, guide, x).item()
+    assert eager != weighted[2]
     with pytest.raises(UsageError, match="warm-up"):
         fit(vae, x, epochs=1, elbo="jit", warmup=1, progress=False)
     relaxed.latent.temperature = 1.0
