@@ -31,7 +31,16 @@ from .vae import VAE
 
 #: methods that make up the Pyro program of a VAE; a subclass that overrides any of them
 #: has a program of its own, which only Pyro's ELBO computes faithfully.
-_PROGRAM = ("model", "guide", "_model_body", "_plate", "_data_plate", "_latent_scale", "elbo_loss")
+_PROGRAM = (
+    "model",
+    "guide",
+    "_model_body",
+    "_plate",
+    "_data_plate",
+    "_plate_size",
+    "_latent_scale",
+    "elbo_loss",
+)
 #: methods of Pyro's ELBO that make up its estimator; an ELBO subclass that overrides one
 #: (a custom objective) computes something else than the fused loss.
 _ESTIMATOR = ("_get_trace", "_get_traces", "_differentiable_loss_particle")
@@ -72,7 +81,7 @@ def fused_loss(
         return None
     if elbo.num_particles != 1 or elbo.vectorize_particles:
         return None
-    if vae._frozen or (getattr(vae.latent, "relaxed", False) and not vae.training):
+    if vae.is_frozen or (getattr(vae.latent, "relaxed", False) and not vae.training):
         return None
     batch = _batch(args, kwargs)
     if batch is None:

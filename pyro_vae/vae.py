@@ -154,11 +154,17 @@ class NamedSites:
                 stacklevel=3,
             )
 
-    def _data_plate(self, batch: int, device: torch.device, num_data: int | None) -> pyro.plate:
-        """The plate over ``batch`` images, a subsample of ``num_data`` when that is given."""
+    @staticmethod
+    def _plate_size(batch: int, num_data: int | None) -> int:
+        """The size of the data plate: ``num_data``, or the batch itself."""
         size = batch if num_data is None else int(num_data)
         if size < batch:
-            raise ValueError(f"num_data={size} is smaller than the batch of {batch} images")
+            raise UsageError(f"num_data={size} is smaller than the batch of {batch} images")
+        return size
+
+    def _data_plate(self, batch: int, device: torch.device, num_data: int | None) -> pyro.plate:
+        """The plate over ``batch`` images, a subsample of ``num_data`` when that is given."""
+        size = self._plate_size(batch, num_data)
         # An explicit subsample keeps the plate from drawing a random permutation of the
         # whole data set on every step; the batch already is the subsample.
         subsample = None if size == batch else torch.arange(batch, device=device)
@@ -473,9 +479,7 @@ class VAE(NamedSites, PyroModule):
                 "train it, or score the discrete model with Pyro (pyro_vae.elbo, Trace_ELBO)"
             )
         batch = x.shape[0]
-        size = batch if num_data is None else int(num_data)
-        if size < batch:
-            raise ValueError(f"num_data={size} is smaller than the batch of {batch} images")
+        size = self._plate_size(batch, num_data)
         weight = self._kl_weight if kl_weight is None else kl_weight
         # Each site's scale as Pyro builds it: the latent scale, then the plate's size / batch
         # (multiplied in that order, so that Python floats round alike).
@@ -523,7 +527,7 @@ class VAE(NamedSites, PyroModule):
 
     def _categorical(self, what: str) -> CategoricalLatent:
         if not isinstance(self.latent, CategoricalLatent):
-            raise ValueError(
+            raise UsageError(
                 f"{what} needs discrete codes, but this VAE has latent {self.config.latent!r}; "
                 "train one with latent 'relaxed-categorical'"
             )
