@@ -499,7 +499,7 @@ def fit_ssvae(
     precision: str = "32-true",
     checkpoint: str | Path | None = None,
     resume: bool = False,
-    progress: bool = False,
+    progress: bool = True,
     loggers: Sequence[str] = (),
     log_dir: str | Path | None = None,
     on_epoch=None,
