@@ -297,8 +297,13 @@ def _train_process(
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise UsageError("the model has no trainable parameters (is it frozen?)")
-    optimizer = torch.optim.Adam(params, lr=settings.lr, fused=_fusable(params))
+    optimizer = _Adam(params, lr=settings.lr, fused=_fusable(params))
     wrapped, fabric_optimizer = fabric.setup(module, optimizer)
+    if _passthrough(fabric):
+        # Fabric's wrappers would only forward each call: skip them (about 0.1 ms a step)
+        forward, backward, step = module, torch.Tensor.backward, optimizer.step
+    else:
+        forward, backward, step = wrapped, fabric.backward, fabric_optimizer.step
     # data in the dtype the precision gave the weights (float64 under "64-true")
     objective.use_dtype(params[0].dtype)
     run, records = _Progress(), []
@@ -371,8 +376,8 @@ def _train_process(
                 )
                 for x in bar:
                     objective.before_step(run.step)
-                    loss = wrapped(Batch(x))  # Fabric's forward runs it under autocast
-                    fabric.backward(loss)
+                    loss = forward(Batch(x))  # Fabric's forward runs it under autocast
+                    backward(loss)
                     grads = None
                     if not host and not scaler_skips:
                         # a finite loss can still have a non-finite gradient; and the
@@ -388,8 +393,8 @@ def _train_process(
                             bar.set_postfix(loss=f"{tally.running():.2f}")
                     if skips_on_device:
                         optimizer.found_inf = tally.found_inf()  # skipped on the device
-                    fabric_optimizer.step()
-                    fabric_optimizer.zero_grad(set_to_none=True)
+                    step()
+                    optimizer.zero_grad(set_to_none=True)
                     run.batch += 1
                     run.step += 1
                     if stop:
@@ -510,10 +515,43 @@ class _DeviceTally:
         return torch.stack([self.loss_sum, self.images]).double()
 
 
+def _passthrough(fabric) -> bool:
+    """Whether Fabric's module and optimizer wrappers only pass each call on: one device,
+    full float32 precision (no autocast, no input casting, no gradient scaler, no
+    gradient synchronisation). The loop then calls the module and optimizer itself."""
+    from lightning_fabric.plugins.precision import Precision
+    from lightning_fabric.strategies import SingleDeviceStrategy
+
+    strategy = fabric.strategy
+    return type(strategy) is SingleDeviceStrategy and type(strategy.precision) is Precision
+
+
 def _uses_scaler(fabric) -> bool:
     """Whether a gradient scaler (16-mixed) skips non-finite steps itself: then the loop
     must not, as overflowing steps are how the scaler finds its scale."""
     return getattr(fabric.strategy.precision, "scaler", None) is not None
+
+
+class _Adam(torch.optim.Adam):
+    """torch's Adam, without its per-step check for CUDA-graph capture when every parameter
+    is on the CPU, where no step can be captured.
+
+    That check asks ``torch.cuda.is_available()`` on every step. Importing Lightning sets
+    ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (so that asking does not initialise CUDA before a
+    fork), and with it, on a machine whose torch is built for CUDA but that trains on the
+    CPU, each question loads and initialises NVML: about 0.2 ms, some 2% of an MNIST step
+    (``docs/benchmarks.md``). On a GPU the answer is cached and the check runs as usual.
+    """
+
+    def __init__(self, params, **options):
+        super().__init__(params, **options)
+        self._all_on_cpu = all(
+            p.device.type == "cpu" for group in self.param_groups for p in group["params"]
+        )
+
+    def _accelerator_graph_capture_health_check(self) -> None:
+        if not self._all_on_cpu:
+            super()._accelerator_graph_capture_health_check()
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:

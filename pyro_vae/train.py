@@ -309,6 +309,13 @@ class ELBOLoss(nn.Module):
         if self.compile:
             return self._compiled_loss(x)
         model, guide = self._programs()
+        if self._direct:
+            # what the fused ELBO's differentiable_loss computes for this VAE, minus the
+            # per-step recognition of the program (done once, in _programs) and the
+            # KL-weight context: tens of microseconds a step that the CPU notices
+            return self.vae.elbo_loss(
+                x, num_data=self.num_data, analytic_kl=self._analytic_kl, kl_weight=self.weight
+            )
         with self.vae.kl_weight(self.weight):
             return self.elbo.differentiable_loss(model, guide, x, num_data=self.num_data)
 
@@ -319,8 +326,10 @@ class ELBOLoss(nn.Module):
         if not hasattr(self, "_bound"):
             vae = self.vae
             fusing = isinstance(self.elbo, (FusedTrace_ELBO, FusedTraceMeanField_ELBO))
-            recognised = self.jit or (fusing and self.fused())
-            self._bound = (vae.model, vae.guide) if recognised else vae.programs()
+            fused = fusing and self.fused()
+            self._direct = fused
+            self._analytic_kl = isinstance(self.elbo, TraceMeanField_ELBO)
+            self._bound = (vae.model, vae.guide) if self.jit or fused else vae.programs()
         return self._bound
 
     def _compiled_loss(self, x: torch.Tensor) -> torch.Tensor:
@@ -348,7 +357,7 @@ class ELBOLoss(nn.Module):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_bound", "_step", "_inputs"):  # rebuilt in each process
+        for name in ("_bound", "_direct", "_step", "_inputs"):  # rebuilt in each process
             state.pop(name, None)
         return state
 

@@ -363,3 +363,39 @@ def test_the_host_tally_names_the_first_bad_step_even_when_read_late():
         tally.add(torch.tensor(value), 4, 8, step)
     with pytest.raises(TrainingDivergedError, match="nan at step 2"):
         tally.check(False)
+
+
+def test_cpu_training_does_not_ask_for_cuda_on_every_step(monkeypatch):
+    """Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, and torch's Adam asks
+    torch.cuda.is_available() on every step, which then loads NVML each time (about
+    0.2 ms on a CUDA build of torch without a GPU). fit's optimizer does not ask on the
+    CPU: the number of questions does not grow with the number of steps."""
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    asked = []
+    real = torch.cuda.is_available
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: asked.append(1) or real())
+    param = torch.nn.Parameter(torch.ones(3))
+    plain = torch.optim.Adam([param])
+    param.grad = torch.ones(3)
+    plain.step()
+    if not asked:
+        pytest.skip("this torch's Adam no longer asks for CUDA on each step")
+    images = torch.rand(64, 1, 28, 28).round()
+    counts = []
+    for epochs in (1, 3):
+        asked.clear()
+        fit(VAE(latent_dim=2, hidden=8), images, epochs=epochs, batch_size=16,
+            device="cpu", progress=False)  # fmt: skip
+        counts.append(len(asked))
+    assert counts[0] == counts[1], f"questions for 4 and 12 steps: {counts}"
+
+
+def test_fabrics_wrappers_are_skipped_only_where_they_pass_calls_on():
+    from lightning_fabric import Fabric
+
+    from pyro_vae.engine import _passthrough
+
+    assert _passthrough(Fabric(accelerator="cpu", devices=1))
+    for options in ({"precision": "bf16-mixed"}, {"precision": "64-true"},
+                    {"devices": 2, "strategy": "ddp"}):  # fmt: skip
+        assert not _passthrough(Fabric(accelerator="cpu", **{"devices": 1, **options}))
