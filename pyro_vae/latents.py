@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions.relaxed_straight_through import QuantizeCategorical
 from torch import nn
-from torch.distributions import kl_divergence, register_kl
+from torch.distributions import Distribution, kl_divergence, register_kl
 from torch.distributions.utils import _standard_normal
 
 from .config import VAEConfig
@@ -28,7 +28,25 @@ MIN_SCALE = 1e-5
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-class StandardNormal(dist.Normal):
+class _SameShapeNormal(dist.Normal):
+    """A Normal built without ``broadcast_all`` when ``loc`` and ``scale`` are tensors of
+    one shape, as the latent's always are: nothing to broadcast, and a training step
+    builds two of these. Otherwise it is built as any Normal."""
+
+    def __init__(self, loc, scale, validate_args: bool | None = None):
+        if isinstance(loc, torch.Tensor) and isinstance(scale, torch.Tensor):
+            if loc.shape == scale.shape:
+                self.loc, self.scale = loc, scale
+                Distribution.__init__(self, loc.shape, validate_args=validate_args)
+                return
+        super().__init__(loc, scale, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(type(self), _instance)
+        return super().expand(batch_shape, _instance=new)
+
+
+class StandardNormal(_SameShapeNormal):
     """N(0, 1) (``loc`` 0 and ``scale`` 1, broadcast to a batch shape) whose log-density is
     ``-z^2 / 2 - log sqrt(2 pi)``: two operations where the general Normal's takes seven,
     the same value and gradient. The prior of :class:`GaussianLatent`."""
@@ -43,7 +61,7 @@ class StandardNormal(dist.Normal):
         return log_density.expand(torch.broadcast_shapes(value.shape, batch))
 
 
-class DiagonalNormal(dist.Normal):
+class DiagonalNormal(_SameShapeNormal):
     """A Normal whose reparameterized draws ``z = loc + scale * eps`` carry their noise
     ``eps``, so that the log-density of such a draw, *under the distribution that drew
     it*, is ``-eps^2 / 2 - log scale - log sqrt(2 pi)``. That is the general formula with
@@ -87,8 +105,10 @@ class GaussianLatent:
 
     def prior(self, batch_shape: torch.Size, like: torch.Tensor) -> dist.TorchDistribution:
         """N(0, I) for ``batch_shape`` data points, on the device and dtype of ``like``."""
-        loc = like.new_zeros(()).expand((*batch_shape, self.dim))
-        return StandardNormal(loc, like.new_ones(()).expand_as(loc)).to_event(1)
+        shape = (*batch_shape, self.dim)
+        return StandardNormal(
+            like.new_zeros(()).expand(shape), like.new_ones(()).expand(shape)
+        ).to_event(1)
 
     def posterior(self, encoded: torch.Tensor) -> dist.TorchDistribution:
         """q(z | x) from the encoder output ``(..., 2 * dim)``."""

@@ -13,6 +13,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributions import Distribution, Independent
 from torch.distributions.utils import broadcast_all
 
 from .config import VAEConfig
@@ -54,6 +55,19 @@ class Likelihood(nn.Module):
             )
 
 
+class _LogitBernoulli(dist.Bernoulli):
+    """``Bernoulli(logits=logits)`` for a logits tensor, built without the broadcasting and
+    argument sorting of the general constructor (one is built every training step)."""
+
+    def __init__(self, logits: torch.Tensor, validate_args: bool | None = None):
+        self.logits = self._param = logits
+        Distribution.__init__(self, logits.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None) -> _LogitBernoulli:
+        new = self._get_checked_instance(_LogitBernoulli, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+
 class BernoulliImage(dist.Independent):
     """``Bernoulli(logits=...).to_event(n)`` whose log-density is summed over each image's
     pixels before it is negated.
@@ -65,7 +79,7 @@ class BernoulliImage(dist.Independent):
     """
 
     def __init__(self, logits: torch.Tensor, event_dims: int, validate_args: bool | None = None):
-        super().__init__(dist.Bernoulli(logits=logits), event_dims, validate_args=validate_args)
+        super().__init__(_LogitBernoulli(logits), event_dims, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None) -> BernoulliImage:
         new = self._get_checked_instance(BernoulliImage, _instance)
@@ -74,9 +88,40 @@ class BernoulliImage(dist.Independent):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        logits, value = broadcast_all(self.base_dist.logits, value)
+        logits = self.base_dist.logits
+        if logits.shape != value.shape:
+            logits, value = broadcast_all(logits, value)
         pixels = F.binary_cross_entropy_with_logits(logits, value, reduction="none")
         return -pixels.sum(tuple(range(-self.reinterpreted_batch_ndims, 0)))
+
+    def total_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """``log_prob(value).sum()`` in one reduction over all pixels of all images: no
+        per-image sums, whose full-size intermediate costs a training step on the CPU
+        about 0.1 ms (allocation and page faults, forward and backward)."""
+        if self._validate_args:
+            self._validate_sample(value)
+        logits = self.base_dist.logits
+        if logits.shape != value.shape:
+            return self.log_prob(value).sum()
+        return -F.binary_cross_entropy_with_logits(logits, value, reduction="sum")
+
+
+def total_log_prob(d: Distribution, value: torch.Tensor) -> torch.Tensor:
+    """``d.log_prob(value).sum()``: the log-density of every data point in ``value`` at once,
+    in as few operations as ``d`` allows. The same terms, summed in another order.
+
+    An ``Independent`` that does not override ``log_prob`` only sums its base's
+    log-densities over its event dimensions, so the total is the total of the base's; a
+    distribution with a ``total_log_prob`` method (:class:`BernoulliImage`) computes it
+    itself. The fused ELBO (:meth:`~pyro_vae.VAE.elbo_loss`) sums every site this way.
+    """
+    while True:
+        own = getattr(d, "total_log_prob", None)
+        if own is not None:
+            return own(value)
+        if not (isinstance(d, Independent) and type(d).log_prob is Independent.log_prob):
+            return d.log_prob(value).sum()
+        d = d.base_dist
 
 
 class BernoulliLikelihood(Likelihood):
