@@ -622,6 +622,17 @@ def _gather(state: torch.Tensor, fabric, world: int) -> list[torch.Tensor]:
 def _restore(objective: Objective, optimizer, settings: Settings, device, rank: int, world: int):
     state = load_checkpoint(settings.checkpoint, map_location=device)
     check_config(state["config"], objective.model.config, settings.checkpoint)
+    # what else defines the model (an SSVAE's classes, base VAE and code dimensions)
+    diffs = [
+        f"{key}: checkpoint has {state[key]!r}, asked for {value!r}"
+        for key, value in objective.checkpoint_extra().items()
+        if key in state and state[key] != value
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"{settings.checkpoint} was written for another model ({'; '.join(diffs)}); "
+            "resume with the same settings, or train into a new checkpoint"
+        )
     saved_world = int(state.get("world_size", 1))
     if saved_world != world:
         raise CheckpointError(

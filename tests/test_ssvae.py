@@ -279,3 +279,32 @@ def test_fit_ssvae_script(tmp_path: Path, mnist_dir: Path, capsys):
     bad = [*stacked[:-3], str(tmp_path / "bad"), *stacked[-2:], "--likelihood", "bernoulli"]
     assert run_script("fit_ssvae.py", *bad) == 2
     assert "--likelihood gaussian" in capsys.readouterr().err
+
+
+def test_resuming_with_other_classes_base_or_code_dims_is_refused(tmp_path):
+    """A checkpoint belongs to one SSVAE: resuming it with another number of classes, other
+    code dimensions or another base VAE stops with the differences named, instead of
+    loading weights into a model they were not trained for."""
+    torch.manual_seed(0)
+    images = torch.rand(12, 1, 4, 4).round()
+    labels = torch.arange(12) % 3
+    path = tmp_path / "m2.pt"
+    options = {"epochs": 1, "batch_size": 6, "device": "cpu", "progress": False}
+    fit_ssvae(tiny_stacked(code_dims=[0, 2]), images[:6], labels[:6], images,
+              checkpoint=path, **options)  # fmt: skip
+    for other, named in (
+        (tiny_stacked(num_classes=4, code_dims=[0, 2]), "num_classes"),
+        (tiny_stacked(code_dims=[0, 1]), "code_dims"),
+    ):
+        with pytest.raises(CheckpointError, match=named):
+            fit_ssvae(other, images[:6], labels[:6] % other.num_classes, images,
+                      checkpoint=path, resume=True, **options)  # fmt: skip
+    wider = VAE(image_shape=(1, 4, 4), latent_dim=3, hidden=16)
+    other = SSVAE(image_shape=(1, 4, 4), latent_dim=2, hidden=8, likelihood="gaussian",
+                  gaussian_sigma="pixel", sigma_init=0.5, num_classes=3, base=wider,
+                  code_dims=[0, 2])  # fmt: skip
+    with pytest.raises(CheckpointError, match="base_config"):
+        fit_ssvae(other, images[:6], labels[:6], images, checkpoint=path, resume=True, **options)
+    history = fit_ssvae(tiny_stacked(code_dims=[0, 2]), images[:6], labels[:6], images,
+                        checkpoint=path, resume=True, **{**options, "epochs": 2})  # fmt: skip
+    assert [record.epoch for record in history] == [1, 2]
