@@ -280,6 +280,10 @@ class _Batches:
         self.dtype = dtype
         self.check = check
         self.rank, self.world = 0, 1
+        #: set by the training loop under several processes: called with the DataError of
+        #: a batch that fails ``check`` and the batch, it returns a stand-in batch (the
+        #: other processes must not be left waiting; see :mod:`pyro_vae.engine`).
+        self.on_bad_data: Callable[[DataError, torch.Tensor], torch.Tensor] | None = None
 
     def shard(self, rank: int, world: int) -> None:
         """Make this source yield process ``rank``'s share of ``world`` (see the class)."""
@@ -309,7 +313,12 @@ class _Batches:
         if self.dtype is not None and batch.dtype != self.dtype:
             batch = batch.to(self.dtype)
         if floating and self.check is not None:
-            self.check(batch)
+            try:
+                self.check(batch)
+            except DataError as error:
+                if self.on_bad_data is None:
+                    raise
+                return self.on_bad_data(error, batch)
         return batch
 
 

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import check_config, load_checkpoint, save_checkpoint
-from .errors import CheckpointError, TrainingDivergedError, UsageError
+from .errors import CheckpointError, DataError, TrainingDivergedError, UsageError
 
 #: Fabric precisions offered; the log-densities and KL stay float32 under the mixed ones.
 PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")
@@ -366,6 +366,10 @@ def _train_process(
                     tally = _HostTally(run.loss_sum, run.images)
                 else:
                     tally = _DeviceTally(device, run.loss_sum / world, run.images / world)
+                if world > 1:
+                    # a streamed batch that fails its data check must stop every process
+                    # together, at the next reading of the flags, not this one alone
+                    batches.on_bad_data = tally.bad_data
                 bar = tqdm(
                     batches.epoch(run.epoch, run.batch),
                     total=len(batches),
@@ -476,6 +480,7 @@ class _DeviceTally:
         self.loss_sum, self.images = zero + loss_sum, zero + images
         self.halted, self.first_bad = zero.clone(), zero + math.inf
         self.bad_loss = zero - math.inf  # below any process's loss, for the max across them
+        self.data_flag, self.data_error = zero.clone(), None
 
     def add(self, loss: torch.Tensor, images: int, num_data: int, step: int, grads=None) -> None:
         loss = loss.float()
@@ -492,12 +497,29 @@ class _DeviceTally:
         self.loss_sum = self.loss_sum + per_image
         self.images = self.images + images
 
+    def bad_data(self, error: DataError, batch: torch.Tensor) -> torch.Tensor:
+        """Keep a batch's data error for :meth:`check` and stop stepping from here on; the
+        process goes on taking its steps with zeros (in every likelihood's support) so
+        that the other processes, which wait for it in each step's gradient exchange,
+        reach the next check with it."""
+        self.data_error = self.data_error or error
+        self.data_flag.fill_(1.0)
+        self.halted.fill_(1.0)
+        return torch.zeros_like(batch)
+
     def check(self, interrupted: bool, fabric=None) -> bool:
         # every process reaches the same verdict and message: the earliest bad step, and
         # whether any process's loss (not only the averaged gradient) was not finite
-        flags = torch.stack([self.halted, -self.first_bad, self.zero + interrupted, self.bad_loss])
+        flags = torch.stack(
+            [self.halted, -self.first_bad, self.zero + interrupted, self.bad_loss, self.data_flag]
+        )
         if fabric is not None:
             flags = fabric.all_reduce(flags, reduce_op="max")
+        if flags[4] > 0:
+            raise self.data_error or DataError(
+                "another process drew a batch that fails the data check (its message says "
+                "why); check a streamed floating-point data set before a multi-process run"
+            )
         if flags[0] > 0:
             loss = flags[3].item()
             if math.isinf(loss):

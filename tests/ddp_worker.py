@@ -8,6 +8,8 @@ processes with each other and with a single-process reference.
   for a third epoch; writes the weights.
 - ``ssvae``: the M2 model trained by ``fit_ssvae``; writes the weights and accuracy.
 - ``diverge``: process 1's loss becomes NaN at step 3; writes the error each process got.
+- ``bad-data``: a streamed floating-point Dataset whose images in process 1's third batch
+  hold a NaN; writes the error each process got.
 - ``gradient``: one backward pass of the ELBO module under DDP on each process's half of
   a batch, each with its own seed; writes the averaged gradients.
 """
@@ -19,11 +21,12 @@ from pathlib import Path
 
 import pyro
 import torch
+from torch.utils.data import Dataset
 
 from pyro_vae import VAE, fit
-from pyro_vae.data import fixed_preprocess, load_mnist
+from pyro_vae.data import epoch_permutation, fixed_preprocess, load_mnist
 from pyro_vae.engine import Devices, fabric_for
-from pyro_vae.errors import TrainingDivergedError
+from pyro_vae.errors import DataError, TrainingDivergedError
 from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae
 from pyro_vae.train import ELBOLoss
 
@@ -31,6 +34,20 @@ from pyro_vae.train import ELBOLoss
 VAE_OPTIONS = {"latent_dim": 4, "hidden": 32}
 GRADIENT_SEED, NUM_DATA, HALF = 100, 1000, 16
 DDP = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "progress": False}
+
+
+class StreamedImages(Dataset):
+    """Images served one by one, as from files: fit streams such a data set and checks
+    each batch as it arrives."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
 
 
 def small_vae() -> VAE:
@@ -82,6 +99,17 @@ def main(mode: str, out: Path, mnist: Path) -> None:
             result = {"error": None}
         except TrainingDivergedError as error:
             result = {"error": str(error), "step": error.step}
+    elif mode == "bad-data":
+        images = fixed_preprocess(load_mnist(mnist, "train").images[:400], "binarize")
+        # process 1 takes every other index of epoch 0's order: its third batch of 50
+        shard = epoch_permutation(len(images), 0, 0)[1::2]
+        images[shard[100:150]] = float("nan")
+        try:
+            fit(small_vae(), StreamedImages(images), epochs=1, batch_size=50, num_workers=0,
+                checkpoint=out / "checkpoint.pt", **DDP)  # fmt: skip
+            result = {"error": None}
+        except DataError as error:
+            result = {"error": str(error)}
     else:
         fabric = fabric_for(Devices(accelerator="cpu", devices=2, strategy="ddp"))
         fabric.launch()

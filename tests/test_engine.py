@@ -87,6 +87,16 @@ def test_a_divergence_in_one_process_stops_both_with_the_same_message(mnist_dir,
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+def test_bad_streamed_data_in_one_process_stops_both_with_a_data_error(mnist_dir, tmp_path):
+    """A streamed batch that fails its check in one process must not leave the other
+    waiting in the next gradient exchange: both stop with a DataError, the bad process
+    with the check's message, and nothing is saved."""
+    first, second = launch_two("bad-data", tmp_path, mnist_dir)
+    assert "NaN" in second["error"]
+    assert "another process" in first["error"]
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_two_processes_train_the_semi_supervised_model(mnist_dir, tmp_path):
     first, second = launch_two("ssvae", tmp_path, mnist_dir)
     for name, weight in first["weights"].items():
