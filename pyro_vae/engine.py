@@ -380,7 +380,7 @@ def _train_process(
                 )
                 for x in bar:
                     objective.before_step(run.step)
-                    loss = forward(Batch(x))  # Fabric's forward runs it under autocast
+                    loss = forward(Batch(x))  # through Fabric where it acts (autocast, DDP)
                     backward(loss)
                     grads = None
                     if not host and not scaler_skips:
