@@ -119,6 +119,15 @@ class Objective:
         """Named ``(N, C, H, W)`` images in [0, 1] for image loggers, once an epoch."""
         return {}
 
+    def checkpoint_differences(self, state: dict) -> list[str]:
+        """What differs between a checkpoint to resume and :meth:`checkpoint_extra` now, one
+        line per entry (entries a checkpoint lacks are not compared)."""
+        return [
+            f"{key}: checkpoint has {state[key]!r}, asked for {value!r}"
+            for key, value in self.checkpoint_extra().items()
+            if key in state and state[key] != value
+        ]
+
 
 class Batch:
     """A batch handed to the objective's module untouched.
@@ -428,6 +437,8 @@ def _train_process(
             run.seconds += time.perf_counter() - start
             save(tally)
             raise
+        finally:
+            batches.on_bad_data = None  # the tally's, for this run only
     objective.model.eval()
     if weights is not None and main:
         torch.save({k: v.detach().cpu() for k, v in objective.model.state_dict().items()}, weights)
@@ -498,14 +509,17 @@ class _DeviceTally:
         self.images = self.images + images
 
     def bad_data(self, error: DataError, batch: torch.Tensor) -> torch.Tensor:
-        """Keep a batch's data error for :meth:`check` and stop stepping from here on; the
-        process goes on taking its steps with zeros (in every likelihood's support) so
-        that the other processes, which wait for it in each step's gradient exchange,
-        reach the next check with it."""
+        """Keep a batch's data error for :meth:`check`, which raises it in every process.
+
+        Until then this process goes on taking its steps, as the others wait for it in
+        each step's gradient exchange, with a batch of NaN in place of the bad one: its
+        gradient, averaged into every process, is not finite, so every process skips
+        its step (fused Adam's ``found_inf``, or the gradient scaler under 16-mixed) and
+        the weights stay those from before the bad batch."""
         self.data_error = self.data_error or error
         self.data_flag.fill_(1.0)
         self.halted.fill_(1.0)
-        return torch.zeros_like(batch)
+        return torch.full_like(batch, math.nan)
 
     def check(self, interrupted: bool, fabric=None) -> bool:
         # every process reaches the same verdict and message: the earliest bad step, and
@@ -574,6 +588,10 @@ class _Adam(torch.optim.Adam):
     def _accelerator_graph_capture_health_check(self) -> None:
         if not self._all_on_cpu:
             super()._accelerator_graph_capture_health_check()
+
+    def _cuda_graph_capture_health_check(self) -> None:  # its name before torch 2.11
+        if not self._all_on_cpu:
+            super()._cuda_graph_capture_health_check()
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:
@@ -645,11 +663,7 @@ def _restore(objective: Objective, optimizer, settings: Settings, device, rank: 
     state = load_checkpoint(settings.checkpoint, map_location=device)
     check_config(state["config"], objective.model.config, settings.checkpoint)
     # what else defines the model (an SSVAE's classes, base VAE and code dimensions)
-    diffs = [
-        f"{key}: checkpoint has {state[key]!r}, asked for {value!r}"
-        for key, value in objective.checkpoint_extra().items()
-        if key in state and state[key] != value
-    ]
+    diffs = objective.checkpoint_differences(state)
     if diffs:
         raise CheckpointError(
             f"{settings.checkpoint} was written for another model ({'; '.join(diffs)}); "

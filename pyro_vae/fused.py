@@ -39,6 +39,7 @@ _PROGRAM = (
     "_data_plate",
     "_plate_size",
     "_latent_scale",
+    "kl_weight",
     "elbo_loss",
 )
 #: methods of Pyro's ELBO that make up its estimator; an ELBO subclass that overrides one

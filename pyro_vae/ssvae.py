@@ -478,6 +478,13 @@ class SSVAEObjective(Objective):
             "code_dims": ssvae.code_dims,
         }
 
+    def checkpoint_differences(self, state: dict) -> list[str]:
+        # the base's config as a config: a checkpoint written before a field was added
+        # to VAEConfig reads as that field's default, as load_ssvae reads it
+        if state.get("base_config") is not None:
+            state = {**state, "base_config": VAEConfig.from_dict(state["base_config"]).to_dict()}
+        return super().checkpoint_differences(state)
+
 
 def fit_ssvae(
     ssvae: SSVAE,

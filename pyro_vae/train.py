@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.runtime import _PYRO_STACK
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -309,10 +310,10 @@ class ELBOLoss(nn.Module):
         if self.compile:
             return self._compiled_loss(x)
         model, guide = self._programs()
-        if self._direct:
-            # what the fused ELBO's differentiable_loss computes for this VAE, minus the
-            # per-step recognition of the program (done once, in _programs) and the
-            # KL-weight context: tens of microseconds a step that the CPU notices
+        if self._direct and not _PYRO_STACK:
+            # what the fused ELBO's differentiable_loss computes for this VAE with no Pyro
+            # handler active, minus the per-step recognition of the program (done once,
+            # in _programs) and the KL-weight context: tens of microseconds a step
             return self.vae.elbo_loss(
                 x, num_data=self.num_data, analytic_kl=self._analytic_kl, kl_weight=self.weight
             )

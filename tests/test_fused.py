@@ -250,6 +250,15 @@ class OwnBody(VAE):
             return super()._model_body(x, num_data=num_data, batch_size=batch_size)
 
 
+class OwnKLWeight(VAE):
+    """A subclass whose KL-weight context does more than set the weight (here: doubles it)."""
+
+    @contextlib.contextmanager
+    def kl_weight(self, weight):
+        with super().kl_weight(2 * weight):
+            yield
+
+
 def doubled(elbo_class: type) -> type:
     """``elbo_class`` with an objective of its own: twice its ELBO."""
     pyro_class = TraceMeanField_ELBO if issubclass(elbo_class, TraceMeanField_ELBO) else Trace_ELBO
@@ -291,6 +300,11 @@ def subclass_model() -> Program:
 def subclass_body() -> Program:
     vae, x = small_vae(OwnBody)
     return Program(vae.model, vae.guide, (x,))
+
+
+def subclass_kl_weight() -> Program:
+    vae, x = small_vae(OwnKLWeight)
+    return Program(vae.model, vae.guide, (x,), context=lambda: vae.kl_weight(KL_WEIGHT))
 
 
 def wrapped_model() -> Program:
@@ -336,6 +350,7 @@ FALLBACKS = {
     for f in (
         subclass_model,
         subclass_body,
+        subclass_kl_weight,
         wrapped_model,
         handler_around_the_call,
         two_particles,
@@ -589,10 +604,9 @@ def test_the_quickly_built_distributions_behave_as_torchs():
     torch.testing.assert_close(image.log_prob(x), reference.log_prob(x).sum((1, 2, 3)))
 
 
-def test_fits_elbo_module_is_the_fused_elbo_and_other_programs_go_through_pyro(no_fused):
-    """ELBOLoss, what fit trains, calls elbo_loss directly for the package's VAE (program
-    recognised once): the value of FusedTrace_ELBO's differentiable loss, KL weight
-    included. A subclass with its own model goes through Pyro's Trace_ELBO."""
+def test_fits_elbo_module_sends_a_subclass_with_its_own_model_through_pyro(no_fused):
+    """ELBOLoss, what fit trains, computes a subclass with a model of its own with Pyro's
+    Trace_ELBO, KL weight included."""
     from pyro_vae.train import ELBOLoss
 
     class OwnModel(VAE):
@@ -635,3 +649,24 @@ def test_fits_elbo_module_equals_the_fused_elbo_class(name, fused_calls):
     for a, b in zip(fused[1], via_class[1], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert fused_calls == [name == "meanfield"] * 2
+    assert module._direct  # the direct route, not the class's, made the first loss
+
+
+def test_fits_elbo_module_under_a_pyro_handler_takes_the_elbo_classes_route():
+    """The direct route is for calls with no Pyro handler active; under one (here a scale),
+    ELBOLoss goes through the ELBO class, which hands the call to Pyro's Trace_ELBO."""
+    from pyro_vae.train import ELBOLoss
+
+    vae = tiny_vae(image_shape=(1, 8, 8))
+    x = data_for(vae)
+    module = ELBOLoss(vae, "trace", NUM_DATA)
+    with pyro.validation_enabled(False):
+        module(x)  # the first call, with no handler, picks the direct route
+        assert module._direct
+        pyro.set_rng_seed(5)
+        with poutine.scale(scale=2.0):
+            scaled = module(x)
+        pyro.set_rng_seed(5)
+        with poutine.scale(scale=2.0):
+            expected = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, num_data=NUM_DATA)
+    torch.testing.assert_close(scaled, expected, rtol=1e-6, atol=1e-4)
