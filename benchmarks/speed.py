@@ -12,7 +12,9 @@ every loop) and the same single-sample ELBO estimate as the loss:
 - fit: ``pyro_vae.fit``'s default, the fused ``Trace_ELBO`` (no Pyro tracing);
 - fit-compiled: the fused ELBO through ``torch.compile`` (``compile=True``);
 - pyro-example (``--example``): Pyro's VAE example, ``SVI`` with ``pyro.optim.Adam`` and
-  a ``DataLoader`` per batch.
+  a ``DataLoader`` per batch;
+- pyro-example-fused (``--example``): the same loop with ``FusedTrace_ELBO`` in place of
+  ``Trace_ELBO``, as a user's own SVI loop would take it.
 
 Epochs of the contenders are interleaved, the first of each round rotating, so that load
 on a shared machine hits them alike. The first round is warm-up (compilation) and left
@@ -41,6 +43,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pyro_vae import VAE, fit
 from pyro_vae.data import TensorBatches, load_mnist, preprocess
 from pyro_vae.engine import resolve_device
+from pyro_vae.fused import FusedTrace_ELBO
 from pyro_vae.latents import MIN_SCALE
 
 # Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, with which every step of a
@@ -130,11 +133,11 @@ def main() -> None:
 
         return epoch_seconds
 
-    def example_contender():
+    def example_contender(elbo_class: type, name: str):
         torch.manual_seed(0)
-        example = VAE(name="example").to(device)
+        example = VAE(name=name).to(device)
         loader = DataLoader(TensorDataset(images), batch_size=256, shuffle=True)
-        svi = SVI(example.model, example.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+        svi = SVI(example.model, example.guide, pyro.optim.Adam({"lr": 1e-3}), elbo_class())
 
         def epoch_seconds(epoch: int) -> float:
             with pyro.get_param_store().scope():
@@ -153,7 +156,8 @@ def main() -> None:
         if args.no_compile:
             del contenders["plain-compiled"], contenders["fit-compiled"]
         if args.example:
-            contenders["pyro-example"] = example_contender()
+            contenders["pyro-example"] = example_contender(Trace_ELBO, "example")
+            contenders["pyro-example-fused"] = example_contender(FusedTrace_ELBO, "fused")
         names = list(contenders)
         seconds: dict[str, list[float]] = {name: [] for name in names}
         for epoch in range(args.epochs):
