@@ -608,10 +608,19 @@ def _materialize(objective: Objective) -> None:
             objective.module(Batch(next(iter(objective.batches.epoch(0)))))
 
 
+def epoch_line(record, epochs: int, held_out: str = "") -> str:
+    """One line for a log: ``epoch e/E  train loss L<held_out>  (s s)``, where ``held_out``
+    is a record's own held-out figure (e.g. ``"  test ELBO -98.20"``) or nothing."""
+    return (
+        f"epoch {record.epoch}/{epochs}  train loss {record.train_loss:.2f}{held_out}"
+        f"  ({record.seconds:.1f} s)"
+    )
+
+
 def _summary(record, epochs: int) -> str:
     if hasattr(record, "summary"):
         return record.summary(epochs)
-    return f"epoch {record.epoch}/{epochs}  train loss {record.train_loss:.2f}"
+    return epoch_line(record, epochs)
 
 
 def _log(fabric, objective: Objective, record, step: int) -> None:

@@ -55,7 +55,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .config import VAEConfig
 from .data import TensorBatches, fixed_preprocess, preprocess
-from .engine import Batch, Objective, Settings, make_devices, make_loggers, unwrap
+from .engine import Batch, Objective, Settings, epoch_line, make_devices, make_loggers, unwrap
 from .engine import train as train_engine
 from .errors import CheckpointError, DataError, UsageError
 from .evaluate import ACTIVE_THRESHOLD, prepare_held_out, unit_activity
@@ -387,10 +387,7 @@ class SSVAEEpoch:
     def summary(self, epochs: int) -> str:
         """One line for a log: epoch, loss, accuracy and seconds."""
         accuracy = "" if self.test_accuracy is None else f"  test accuracy {self.test_accuracy:.4f}"
-        return (
-            f"epoch {self.epoch}/{epochs}  loss {self.train_loss:.2f}{accuracy}"
-            f"  ({self.seconds:.0f} s)"
-        )
+        return epoch_line(self, epochs, accuracy)
 
 
 class SSVAELoss(nn.Module):

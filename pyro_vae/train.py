@@ -63,10 +63,7 @@ class EpochRecord:
     def summary(self, epochs: int) -> str:
         """One line for a log: epoch, losses and seconds."""
         test = "" if self.test_elbo is None else f"  test ELBO {self.test_elbo:.2f}"
-        return (
-            f"epoch {self.epoch}/{epochs}  train loss {self.train_loss:.2f}{test}"
-            f"  ({self.seconds:.1f} s)"
-        )
+        return engine.epoch_line(self, epochs, test)
 
 
 @dataclass
