@@ -405,8 +405,8 @@ class VAE(NamedSites, PyroModule):
         return found
 
     def _check_latent(self, z: torch.Tensor, batch: int) -> None:
-        # a z of the prior's own draw is right by construction; one given from outside is not
-        if z.dim() == len(self._z_shape) + 1 and z.shape[0] == batch:
+        # the usual case, a z of exactly (batch, *z_shape), needs no more than a comparison
+        if tuple(z.shape) == (batch, *self._z_shape):
             return
         self._latent_batch(z, batch)
 

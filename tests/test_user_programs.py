@@ -165,6 +165,10 @@ def test_an_unbatched_z_is_an_error_not_a_lost_dimension():
         poutine.condition(vae.model, data={vae.z_site: torch.randn(4)})()
     with pytest.raises(UsageError, match="batch_size=2"):
         poutine.condition(vae.model, data={vae.z_site: torch.randn(3, 4)})(batch_size=2)
+    # a z of the right batch but another latent size, with batch_size given or not
+    for call in ({"batch_size": 3}, {}):
+        with pytest.raises(UsageError, match=r"\(batch, 4\)"):
+            poutine.condition(vae.model, data={vae.z_site: torch.randn(3, 7)})(**call)
 
 
 # ------------------------------------------------------------ item 3: seeds
