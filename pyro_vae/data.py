@@ -240,6 +240,42 @@ def fixed_preprocess(images: torch.Tensor, how: str, seed: int = TEST_SEED) -> t
     return preprocess(images, how, generator)
 
 
+def check_shape(image_shape: tuple[int, ...], shape: tuple[int, ...], what: str) -> None:
+    """Raise :class:`DataError` unless one data point of shape ``shape`` fits a model of
+    data points ``image_shape`` (``(C, H, W)`` images or ``(D,)`` vectors)."""
+    if tuple(shape) != tuple(image_shape):
+        got, want = "x".join(map(str, shape)), "x".join(map(str, image_shape))
+        kind = "images are {} (C x H x W)" if len(image_shape) == 3 else "vectors are {}"
+        raise DataError(f"{what} {kind.format(got)} but the model expects {want}")
+
+
+def check_tensor(image_shape: tuple[int, ...], data: torch.Tensor, what: str) -> None:
+    """Raise :class:`DataError` unless ``data`` is a non-empty ``(N, *image_shape)`` tensor."""
+    if not isinstance(data, torch.Tensor):
+        raise DataError(f"{what} data must be a tensor or a Dataset, got {type(data).__name__}")
+    dims = 1 + len(image_shape)
+    if data.dim() != dims or data.shape[0] == 0:
+        layout = "(N, C, H, W)" if dims == 4 else "(N, D)"
+        raise DataError(f"{what} data must be a non-empty {layout} tensor, got {tuple(data.shape)}")
+    check_shape(image_shape, data.shape[1:], what)
+
+
+def held_out_data(
+    images: torch.Tensor,
+    image_shape: tuple[int, ...],
+    likelihood,
+    what: str = "held-out",
+    seed: int = TEST_SEED,
+) -> torch.Tensor:
+    """Held-out data for ``likelihood`` (a :class:`~pyro_vae.likelihoods.Likelihood`):
+    shape checked, uint8 images given one fixed, seeded preprocessing (the same every
+    time), floating-point data passed as it is, then checked against the support."""
+    check_tensor(image_shape, images, what)
+    x = fixed_preprocess(images, likelihood.preprocessing, seed)
+    likelihood.check_data(x)
+    return x
+
+
 # ---------------------------------------------------------------------------- batching
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of epoch ``epoch``: a function of (seed, epoch) alone, so a run

@@ -23,7 +23,7 @@ from pyro import poutine
 from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
-from .data import TEST_SEED, fixed_preprocess
+from .data import TEST_SEED, held_out_data
 from .errors import DataError, UsageError
 
 #: name of the vectorized particle plate; leading underscore keeps it out of user names.
@@ -243,13 +243,8 @@ class Evaluation:
 def prepare_held_out(vae, images: torch.Tensor, seed: int = TEST_SEED) -> tuple[torch.Tensor, str]:
     """Data for the likelihood from held-out images, and a word for what was done: uint8
     images get one fixed, seeded binarization or dequantization; floats pass unchanged."""
-    if images.dim() != 4 or tuple(images.shape[1:]) != vae.config.image_shape:
-        want = "x".join(map(str, vae.config.image_shape))
-        raise DataError(f"expected (N, {want}) images, got shape {tuple(images.shape)}")
     how = "as given" if images.is_floating_point() else f"{vae.likelihood.preprocessing}d"
-    x = fixed_preprocess(images, vae.likelihood.preprocessing, seed)
-    vae.likelihood.check_data(x)
-    return x, how
+    return held_out_data(images, vae.config.image_shape, vae.likelihood, seed=seed), how
 
 
 def evaluate_vae(

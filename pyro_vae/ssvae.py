@@ -54,7 +54,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .config import VAEConfig
-from .data import TensorBatches, fixed_preprocess, preprocess
+from .data import TensorBatches, held_out_data, preprocess
 from .engine import Batch, Objective, Settings, epoch_line, make_devices, make_loggers, unwrap
 from .engine import train as train_engine
 from .errors import CheckpointError, DataError, UsageError
@@ -551,7 +551,8 @@ def fit_ssvae(
     module = SSVAELoss(ssvae, labelled, labels, unlabelled.shape[0], batch_size, aux_weight)
     held_out = None
     if test is not None:
-        held_out = fixed_preprocess(test[0], how).to(dtype), test[1]
+        images = held_out_data(test[0], ssvae.config.image_shape, ssvae.image_likelihood, "test")
+        held_out = images.to(dtype), test[1]
     objective = SSVAEObjective(ssvae, module, batches, held_out)
     settings = Settings(epochs, lr, seed, checkpoint, resume, progress)
     records, _ = train_engine(

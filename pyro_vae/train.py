@@ -22,7 +22,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import engine, evaluate
-from .data import LoaderBatches, TensorBatches, fixed_preprocess
+from .data import (
+    LoaderBatches,
+    TensorBatches,
+    check_shape,
+    check_tensor,
+    fixed_preprocess,
+    held_out_data,
+)
 from .engine import Objective, Settings, make_devices, make_loggers
 from .errors import DataError, UsageError
 from .fused import FusedTrace_ELBO, FusedTraceMeanField_ELBO, fused_loss
@@ -247,7 +254,9 @@ def fit(
     vae.cpu().train()
     dtype = next(vae.parameters()).dtype
     batches = _batches(vae, train, batch_size, seed, num_workers, dtype)
-    test_x = None if test is None else _held_out(vae, test).to(dtype)
+    test_x = None
+    if test is not None:
+        test_x = held_out_data(test, vae.config.image_shape, vae.likelihood, "test").to(dtype)
     if not (resume and checkpoint is not None and Path(checkpoint).exists()):
         _check_gaussian_scale(vae, train)
     objective = VAEObjective(
@@ -444,28 +453,10 @@ class VAEObjective(Objective):
         return shown
 
 
-def _check_shape(vae, shape: tuple[int, ...], what: str) -> None:
-    if tuple(shape) != vae.config.image_shape:
-        got = "x".join(map(str, shape))
-        want = "x".join(map(str, vae.config.image_shape))
-        kind = "images are {} (C x H x W)" if len(vae.config.image_shape) == 3 else "vectors are {}"
-        raise DataError(f"{what} {kind.format(got)} but the model expects {want}")
-
-
 def _first(item):
     """The image of a data set item: the item itself, or the first of a tuple such as
     ``(image, label)``."""
     return item[0] if isinstance(item, (tuple, list)) else item
-
-
-def _check_tensor(vae, data: torch.Tensor, what: str) -> None:
-    if not isinstance(data, torch.Tensor):
-        raise DataError(f"{what} data must be a tensor or a Dataset, got {type(data).__name__}")
-    dims = 1 + len(vae.config.image_shape)
-    if data.dim() != dims or data.shape[0] == 0:
-        layout = "(N, C, H, W)" if dims == 4 else "(N, D)"
-        raise DataError(f"{what} data must be a non-empty {layout} tensor, got {tuple(data.shape)}")
-    _check_shape(vae, data.shape[1:], what)
 
 
 def _batches(vae, train, batch_size: int, seed: int, num_workers: int, dtype: torch.dtype):
@@ -473,13 +464,13 @@ def _batches(vae, train, batch_size: int, seed: int, num_workers: int, dtype: to
     and cast to the model's dtype (see :mod:`pyro_vae.data`)."""
     how, check = vae.likelihood.preprocessing, vae.likelihood.check_data
     if isinstance(train, torch.Tensor):
-        _check_tensor(vae, train, "training")
+        check_tensor(vae.config.image_shape, train, "training")
         return TensorBatches(train, batch_size, "cpu", seed, how, dtype, check)
     if not isinstance(train, Dataset):
         raise DataError(f"training data must be a tensor or a Dataset, got {type(train).__name__}")
     if len(train) == 0:
         raise DataError("the training set is empty")
-    _check_shape(vae, _first(train[0]).shape, "training")
+    check_shape(vae.config.image_shape, _first(train[0]).shape, "training")
     return LoaderBatches(train, batch_size, "cpu", seed, num_workers, how, dtype, check)
 
 
@@ -507,10 +498,3 @@ def _check_gaussian_scale(vae, train) -> None:
             f"standardize the data, or build the VAE with sigma_init={spread / 3:.3g} "
             "(about a third of the data's spread; 0.1 suits pixels in [0, 1])"
         )
-
-
-def _held_out(vae, test: torch.Tensor) -> torch.Tensor:
-    _check_tensor(vae, test, "test")
-    x = fixed_preprocess(test, vae.likelihood.preprocessing)
-    vae.likelihood.check_data(x)
-    return x

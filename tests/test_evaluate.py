@@ -167,5 +167,22 @@ def test_bits_per_dim_of_the_uniform_density_is_eight():
 def test_bad_input_is_a_clear_error(linear, data):
     with pytest.raises(ValueError, match="num_particles"):
         ev.evaluate_vae(linear.vae, data, num_particles=0)
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ValueError, match="but the model expects"):
         ev.evaluate_vae(linear.vae, data[:, :, :1], num_particles=2)
+
+
+def test_a_vae_of_vectors_is_evaluated_and_fitted_with_held_out_vectors():
+    """Held-out data of a VAE of vectors are (N, D), as its training data: evaluate_vae,
+    fit's test set and the shape errors all take the same shape rule."""
+    from pyro_vae import DataError, fit
+
+    torch.manual_seed(0)
+    vae = VAE(image_shape=(5,), likelihood="gaussian", latent_dim=2, hidden=8, sigma_init=0.5)
+    vectors = torch.randn(40, 5) * 0.5
+    history = fit(vae, vectors, vectors[:10], epochs=1, batch_size=20, progress=False,
+                  device="cpu")  # fmt: skip
+    assert history.epochs[0].test_elbo is not None
+    result = ev.evaluate_vae(vae, vectors[:6], num_particles=4)
+    assert result.data == "as given" and math.isfinite(result.log_likelihood)
+    with pytest.raises(DataError, match="vectors are 4 but the model expects 5"):
+        ev.evaluate_vae(vae, vectors[:6, :4], num_particles=4)
