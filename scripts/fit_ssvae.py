@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import pyro
 import torch
 from _cli import add_engine_args, engine_kwargs, is_first_process, make_out_dir, run_main
 
@@ -108,6 +109,7 @@ def main(args: argparse.Namespace) -> None:
         config = replace(config, likelihood="gaussian", gaussian_sigma="pixel", sigma_init=0.5)
         if not args.all_codes:
             code_dims = active_code_dims(base, train.images)
+    pyro.set_rng_seed(args.seed)  # before the model: its initial weights are random too
     ssvae = SSVAE(config, base=base, code_dims=code_dims)
     if base is not None:
         size = base.config.latent_dim

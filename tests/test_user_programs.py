@@ -16,7 +16,15 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.optim import Adam
 from torch.utils.data import TensorDataset
 
-from pyro_vae import VAE, DataError, UsageError, fit, load_vae, save_checkpoint
+from pyro_vae import (
+    VAE,
+    DataError,
+    UsageError,
+    fit,
+    load_checkpoint,
+    load_vae,
+    save_checkpoint,
+)
 from tests.helpers import run_script
 
 
@@ -189,6 +197,25 @@ def test_fit_script_twice_with_one_seed_writes_identical_results(mnist_dir, tmp_
         history = [[v for k, v in enumerate(r.split(",")) if k != seconds] for r in rows]
         runs.append((metrics, history))
     assert runs[0] == runs[1]
+
+
+def test_fit_ssvae_script_twice_with_one_seed_trains_the_same_weights(mnist_dir, tmp_path):
+    """As fit.py, fit_ssvae.py seeds before it builds the model (whatever ran before it
+    in the process), so one seed gives one run."""
+    weights = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # what ran before must not matter
+        out = tmp_path / f"run{i}"
+        code = run_script(
+            "fit_ssvae.py", "--data-dir", mnist_dir, "--out", out, "--epochs", "1",
+            "--limit", "300", "--test-limit", "100", "--labels-per-class", "2",
+            "--latent-dim", "4", "--hidden", "16", "--seed", "3", "--no-progress",
+            "--device", "cpu",
+        )  # fmt: skip
+        assert code == 0
+        weights.append(load_checkpoint(out / "checkpoint.pt")["model"])
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
 
 
 def test_seeding_before_building_reproduces_a_python_run():
