@@ -27,6 +27,37 @@ def run_main(main: Callable[[argparse.Namespace], None], parser: argparse.Argume
     return 0
 
 
+def require_positive(args: argparse.Namespace, *names: str) -> None:
+    """Raise :class:`UsageError` naming the first of the integer options ``names`` (as
+    attribute names, e.g. ``"batch_size"``) that was given a value below 1. Options left
+    at None (not given, no default) pass."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def check_figure_path(path: Path, what: str) -> None:
+    """Refuse, before any work, an ``--out`` for one figure that is a folder or whose suffix
+    matplotlib cannot write, naming a fix; then make its folder (:func:`make_out_dir`).
+
+    :param what: what the script writes there, for the message (e.g. "one figure").
+    """
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; this writes {what}: name the file, "
+                         f"e.g. --out {path / 'figure.png'}")  # fmt: skip
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix and suffix not in formats:  # no suffix: matplotlib writes a .png
+        raise UsageError(
+            f"--out {path}: this writes {what}; end the name with one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
+    make_out_dir(path.parent)
+
+
 def make_out_dir(path: Path, option: str = "--out") -> Path:
     """Create the output folder ``path`` (and its parents) if needed, and return it.
 

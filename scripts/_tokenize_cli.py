@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from _cli import add_data_args, load_data, make_out_dir
+from _cli import add_data_args, check_figure_path, load_data, make_out_dir, require_positive
 
 from pyro_vae import load_vae, plots
 from pyro_vae.data import ImageSet, stack_dataset
@@ -40,26 +40,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    for name in ("limit", "count", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.out.is_dir():
+    require_positive(args, "limit", "count", "batch_size")
+    if args.decode is not None:
+        check_figure_path(args.out, "one picture")
+    elif args.out.is_dir():
         raise UsageError(
             f"--out {args.out} is a folder; tokenize.py writes one file: "
-            f"name it, e.g. --out {args.out / ('grid.png' if args.decode else 'tokens.pt')}"
+            f"name it, e.g. --out {args.out / 'tokens.pt'}"
         )
-    if args.decode is not None:
-        from matplotlib.backend_bases import FigureCanvasBase
-
-        formats = FigureCanvasBase.get_supported_filetypes()
-        suffix = args.out.suffix.lower().lstrip(".")
-        if suffix and suffix not in formats:  # no suffix: matplotlib writes a .png
-            raise UsageError(
-                f"--out {args.out}: --decode writes a picture; end the name with one of "
-                f"{', '.join('.' + f for f in sorted(formats))}"
-            )
-    make_out_dir(args.out.parent)  # before the work, so a bad --out fails at once
+    else:
+        make_out_dir(args.out.parent)  # before the work, so a bad --out fails at once
     vae = load_vae(args.checkpoint, resolve_device(args.device))
     if vae.config.latent != "relaxed-categorical":
         raise UsageError(

@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
-from _cli import add_data_args, load_data, make_out_dir, run_main
+from _cli import add_data_args, load_data, make_out_dir, require_positive, run_main
 
 from pyro_vae import plots
 from pyro_vae.checkpoint import load_checkpoint, load_vae
 from pyro_vae.engine import resolve_device
-from pyro_vae.errors import UsageError
 from pyro_vae.evaluate import evaluate_vae, kl_per_unit, prepare_held_out
 from pyro_vae.train import History
 
@@ -51,10 +50,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    for name in ("particles", "limit", "batch_size", "particle_chunk", "elbo_particles"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    require_positive(args, "particles", "limit", "batch_size", "particle_chunk", "elbo_particles")
     device = resolve_device(args.device)
     vae = load_vae(args.checkpoint, map_location=device)
     _, test = load_data(args)

@@ -22,6 +22,7 @@ from _cli import (
     is_first_process,
     load_data,
     make_out_dir,
+    require_positive,
     run_main,
 )
 
@@ -103,10 +104,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "limit", "test_limit", "latent_dim", "hidden"):
-        value = getattr(args, name)
-        if value is not None and value < 1:  # fit() trains at least one epoch
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    require_positive(args, "epochs", "batch_size", "limit", "test_limit", "latent_dim", "hidden")
     if args.iwae_particles < 0:
         raise UsageError(
             f"--iwae-particles must be 0 (no bound) or more, got {args.iwae_particles}"

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pyro
 import torch
-from _cli import add_engine_args, engine_kwargs, is_first_process, make_out_dir, run_main
+from _cli import (
+    add_engine_args,
+    engine_kwargs,
+    is_first_process,
+    make_out_dir,
+    require_positive,
+    run_main,
+)
 
 from pyro_vae import load_checkpoint, load_vae
 from pyro_vae.config import LIKELIHOODS, VAEConfig
@@ -74,10 +81,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    for name in ("labels_per_class", "epochs", "batch_size", "limit", "test_limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    require_positive(args, "labels_per_class", "epochs", "batch_size", "limit", "test_limit")
     checkpoint = args.out / "checkpoint.pt"
     if checkpoint.exists() and not args.resume:
         raise CheckpointError(

@@ -11,12 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from _cli import add_data_args, load_data, make_out_dir, run_main
+from _cli import add_data_args, load_data, make_out_dir, require_positive, run_main
 
 from pyro_vae import plots, ppc
 from pyro_vae.checkpoint import load_vae
 from pyro_vae.engine import resolve_device
-from pyro_vae.errors import UsageError
 
 #: how many held-out images the image grids show, and how many replicate rows.
 GRID_IMAGES, GRID_DRAWS = 12, 5
@@ -38,11 +37,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    for name in ("images", "draws", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(
-                f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-            )
+    require_positive(args, "images", "draws", "batch_size")
     vae = load_vae(args.checkpoint, map_location=resolve_device(args.device))
     _, test = load_data(args)
     images = test.head(args.images).images

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyro
 import torch
 import torch.nn.functional as F
-from _cli import add_data_args, load_data, make_out_dir, run_main
+from _cli import add_data_args, check_figure_path, load_data, require_positive, run_main
 
 from pyro_vae import load_vae, plots
 from pyro_vae.data import fixed_preprocess
@@ -75,11 +75,7 @@ def parser(prog: str = "restore.py", choose_task: bool = True) -> argparse.Argum
 def check_options(args: argparse.Namespace) -> None:
     """Fill in the task's defaults and raise :class:`UsageError` for options that cannot
     work, before anything slow (reading the checkpoint and the data) happens."""
-    for name in ("num_images", "draws", "samples", "steps", "warmup"):
-        if getattr(args, name) < 1:
-            raise UsageError(
-                f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-            )
+    require_positive(args, "num_images", "draws", "samples", "steps", "warmup")
     if args.draws > args.samples:
         raise UsageError(f"--draws ({args.draws}) cannot exceed --samples ({args.samples})")
     mask, noise, factor = DEFAULTS[args.task]
@@ -109,7 +105,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> None:
     check_options(args)
-    make_out_dir(args.out.parent)  # a folder that cannot be written fails now, not at the end
+    check_figure_path(args.out, "one figure")  # a bad --out fails now, not after the work
     pyro.set_rng_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     vae = load_vae(args.checkpoint)

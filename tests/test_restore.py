@@ -281,3 +281,18 @@ def test_restore_script_names_an_output_folder_it_cannot_make(tmp_path, capsys):
     status = run_script("restore.py", "--checkpoint", tmp_path / "missing.pt", "--out", out)
     err = capsys.readouterr().err
     assert status == 2 and err.strip().count("\n") == 0 and "is a file" in err, err
+
+
+@pytest.mark.parametrize("name, message", [("folder", "is a folder"), ("figure.xyz", ".png")])
+def test_restore_script_refuses_a_figure_path_it_cannot_write_before_the_work(
+    tmp_path, capsys, name, message
+):
+    """--out names one figure: a folder, or a suffix matplotlib cannot write, is refused
+    in one line before the checkpoint is even read (the missing checkpoint below would be
+    the error otherwise), not after the inference."""
+    out = tmp_path / name
+    if name == "folder":
+        out.mkdir()
+    status = run_script("restore.py", "--checkpoint", tmp_path / "missing.pt", "--out", out)
+    err = capsys.readouterr().err
+    assert status == 2 and err.strip().count("\n") == 0 and message in err, err
