@@ -46,6 +46,10 @@ from tqdm.auto import tqdm
 from .checkpoint import check_config, load_checkpoint, save_checkpoint
 from .errors import CheckpointError, DataError, TrainingDivergedError, UsageError
 
+#: steps between two reads of the device's loss and flags, where a step that is not read
+#: at once can be skipped on the device (see _train_process); else every step is read.
+SYNC_EVERY = 50
+
 #: Fabric precisions offered; the log-densities and KL stay float32 under the mixed ones.
 PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed")
 
@@ -160,8 +164,6 @@ class Settings:
     checkpoint: str | Path | None = None
     resume: bool = False
     progress: bool = True
-    #: read the device's loss and flags every this many steps (None: 1 on the CPU, else 50).
-    sync_every: int | None = None
 
 
 def make_devices(
@@ -328,15 +330,13 @@ def _train_process(
     num_data = batches.num_data
     main = fabric.is_global_zero
     scaler_skips = _uses_scaler(fabric)
-    # between two reads of the flags, bad steps are skipped by fused Adam on the device;
-    # without it, the flags are read every step, before the step
-    skips_on_device = optimizer.defaults.get("fused", False) and not scaler_skips
-    # one process on the CPU reads each step's loss (it costs nothing there), as does
-    # an optimizer that cannot skip a step on the device
+    # one process on the CPU reads each step's loss at once (it costs nothing there)
     host = world == 1 and device.type == "cpu" and not scaler_skips
-    sync_every = settings.sync_every or 50
-    if host or (not skips_on_device and not scaler_skips):
-        sync_every = 1
+    # elsewhere, between two reads of the flags, bad steps are skipped on the device: by
+    # fused Adam (found_inf) or by the gradient scaler (16-mixed); an optimizer that can
+    # do neither has its flags read every step, before the step
+    skips_on_device = not host and optimizer.defaults.get("fused", False) and not scaler_skips
+    sync_every = SYNC_EVERY if skips_on_device or scaler_skips else 1
 
     def reduce(tensor: torch.Tensor) -> torch.Tensor:
         return fabric.all_reduce(tensor, reduce_op="sum") if world > 1 else tensor
@@ -392,9 +392,8 @@ def _train_process(
                     loss = forward(Batch(x))  # through Fabric where it acts (autocast, DDP)
                     backward(loss)
                     grads = None
-                    if not host and not scaler_skips:
-                        # a finite loss can still have a non-finite gradient; and the
-                        # averaged gradient is the same in every process, so checking it
+                    if world > 1 and not scaler_skips:
+                        # the averaged gradient is the same in every process: checking it
                         # keeps them in step when one process's loss alone went bad
                         grads = [p.grad for p in params if p.grad is not None]
                     tally.add(loss.detach(), x.shape[0], num_data, run.step + 1, grads)
@@ -470,9 +469,6 @@ class _HostTally:
 
     def running(self) -> float:
         return self.loss_sum / max(self.images, 1)
-
-    def found_inf(self) -> torch.Tensor | None:
-        return None  # a bad step raised before the optimizer could take it
 
     def totals(self, device: torch.device) -> torch.Tensor:
         """(sum of per-image losses, images) of the epoch so far, as a tensor."""
