@@ -22,8 +22,6 @@ images and has no notion of a missing pixel or a blurred one.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyro
@@ -216,18 +214,6 @@ class Restoration:
         return self.images.std(0)
 
 
-@contextlib.contextmanager
-def _frozen(vae) -> Iterator[None]:
-    """The VAE's weights as constants: no gradients are taken or stored for them."""
-    was = [p.requires_grad for p in vae.parameters()]
-    vae.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(vae.parameters(), was, strict=True):
-            p.requires_grad_(flag)
-
-
 @torch.no_grad()
 def _restoration(vae, z: torch.Tensor) -> Restoration:
     return Restoration(z, vae.decode(z))
@@ -255,7 +241,7 @@ def infer_svi(
     def model() -> torch.Tensor:
         return restoration_model(vae, observed, mask, noise, factor=factor)
 
-    with pyro.get_param_store().scope(), _frozen(vae):
+    with pyro.get_param_store().scope(), vae.frozen():
         guide = AutoNormal(model)
         svi = SVI(model, guide, Adam({"lr": lr}), Trace_ELBO())
         for _ in range(num_steps):
@@ -278,7 +264,7 @@ def infer_nuts(
     """Draw z from the exact posterior by NUTS, the decoder held fixed; the problem is
     posed as in :func:`restoration_model`."""
     _check_problem(vae, observed, mask, noise, factor)
-    with _frozen(vae):
+    with vae.frozen():
         kernel = NUTS(
             lambda: restoration_model(vae, observed, mask, noise, factor=factor),
             max_plate_nesting=1,
