@@ -526,7 +526,9 @@ def fit_ssvae(
         preprocessing of them is recorded after each epoch.
     :param checkpoint: file written after every epoch and on Ctrl-C (config, weights,
         optimizer, progress, history, RNG states), and resumed from with ``resume``.
-    :param on_epoch: called with each :class:`SSVAEEpoch` as it finishes, e.g. to log.
+    :param on_epoch: called with each :class:`SSVAEEpoch`, as :func:`pyro_vae.fit` calls
+        its ``on_epoch``: in the first process only, once the epoch's checkpoint is written
+        (under ``ddp_spawn``, after training).
 
     The other arguments are those of :func:`pyro_vae.fit`.
     """
