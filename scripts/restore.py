@@ -46,16 +46,21 @@ def parser(prog: str = "restore.py", choose_task: bool = True) -> argparse.Argum
             help="super-resolution: the observed image is averaged over N x N blocks "
             "(N divides height and width; default 4)",
         )
+    masks = f"known pixels: {', '.join(MASKS)} or none (default: left-half"
     p.add_argument(
         "--mask",
-        help=f"known pixels: {', '.join(MASKS)} or none (default: left-half for inpaint, "
-        "none otherwise; for super-resolution, pixels of the low-resolution image)",
+        help=masks + " for inpaint, none otherwise; for super-resolution, pixels of the "
+        "low-resolution image)"
+        if choose_task
+        else masks + "; none denoises)",
     )
     p.add_argument(
         "--noise",
         type=float,
         help="std of the Gaussian noise added to the observed pixels (default: 0 for inpaint, "
-        "0.3 for denoise, 0.05 for super-resolution, where it must be positive)",
+        "0.3 for denoise, 0.05 for super-resolution, where it must be positive)"
+        if choose_task
+        else "std of the Gaussian noise added to the observed pixels (default: 0)",
     )
     p.add_argument("--method", choices=["svi", "nuts"], default="svi")
     p.add_argument("--num-images", type=int, default=6, help="held-out images to restore")
@@ -65,10 +70,12 @@ def parser(prog: str = "restore.py", choose_task: bool = True) -> argparse.Argum
     p.add_argument("--warmup", type=int, default=200, help="nuts: warm-up steps")
     p.add_argument("--seed", type=int, default=0)
     add_data_args(p)
+    figures = (
+        "inpainting.png, denoising.png or super-resolution.png" if choose_task else "inpainting.png"
+    )
     p.add_argument(
-        "--out", type=Path, help="the figure (default: inpainting.png, denoising.png or "
-        "super-resolution.png in the current folder)"
-    )  # fmt: skip
+        "--out", type=Path, help=f"the figure (default: {figures} in the current folder)"
+    )
     return p
 
 
