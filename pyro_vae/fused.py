@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -30,7 +31,8 @@ from pyro.util import warn_if_nan
 from .vae import VAE
 
 #: methods that make up the Pyro program of a VAE; a subclass that overrides any of them
-#: has a program of its own, which only Pyro's ELBO computes faithfully.
+#: has a program of its own, which only Pyro's ELBO computes faithfully. A method that
+#: model, guide or elbo_loss comes to call belongs here too.
 _PROGRAM = (
     "model",
     "guide",
@@ -74,15 +76,12 @@ def fused_loss(
         return None
     if getattr(guide, "__func__", None) is not VAE.guide:
         return None
-    if any(getattr(type(vae), name) is not getattr(VAE, name) for name in _PROGRAM):
+    if not _recognised(type(vae), type(elbo)):
         return None
     analytic_kl = isinstance(elbo, TraceMeanField_ELBO)
-    pyro_elbo = TraceMeanField_ELBO if analytic_kl else Trace_ELBO
-    if any(getattr(type(elbo), name) is not getattr(pyro_elbo, name) for name in _ESTIMATOR):
-        return None
     if elbo.num_particles != 1 or elbo.vectorize_particles:
         return None
-    if vae.is_frozen or (getattr(vae.latent, "relaxed", False) and not vae.training):
+    if vae.is_frozen or vae._exact_codes:
         return None
     batch = _batch(args, kwargs)
     if batch is None:
@@ -102,6 +101,16 @@ def fused_loss(
             return vae.elbo_loss(x, num_data=num_data, analytic_kl=analytic_kl)
 
     return loss
+
+
+@functools.cache
+def _recognised(vae_class: type, elbo_class: type) -> bool:
+    """Whether ``vae_class`` keeps the VAE's program and ``elbo_class`` its Pyro class's
+    estimator: a question about classes, answered once per pair (not on every step)."""
+    if any(getattr(vae_class, name) is not getattr(VAE, name) for name in _PROGRAM):
+        return False
+    pyro_elbo = TraceMeanField_ELBO if issubclass(elbo_class, TraceMeanField_ELBO) else Trace_ELBO
+    return all(getattr(elbo_class, name) is getattr(pyro_elbo, name) for name in _ESTIMATOR)
 
 
 def _batch(args: tuple, kwargs: dict) -> tuple[torch.Tensor, int | None] | None:
@@ -128,7 +137,8 @@ class _Fused:
         """Pyro's differentiable loss of ``model`` and ``guide``, fused for a VAE.
 
         The fused route returns the surrogate loss itself, with no host synchronization
-        (Pyro reads its value to the host, as a float, on every call).
+        while Pyro's validation is off (Pyro reads its value to the host, as a float, on
+        every call; with validation on, both check it for NaN, which reads the device).
         """
         loss = fused_loss(self, model, guide, args, kwargs)
         if loss is None:

@@ -35,7 +35,7 @@ class Likelihood(nn.Module):
         self.event_dims = event_dims
 
     def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:
-        """The distribution over images given the decoder's raw output."""
+        """The distribution over data points (images or vectors) given the decoder's raw output."""
         raise NotImplementedError
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
@@ -190,7 +190,7 @@ class GaussianLikelihood(Likelihood):
 
     @property
     def sigma(self) -> torch.Tensor:
-        """The standard deviation in pixel units (a scalar or one per pixel)."""
+        """The standard deviation in the data's units (a scalar, or one per pixel or entry)."""
         return self.floor + F.softplus(self.raw_sigma)
 
     def distribution(self, params: torch.Tensor) -> dist.TorchDistribution:

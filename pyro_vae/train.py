@@ -296,9 +296,12 @@ class ELBOLoss(nn.Module):
         self.elbo = ELBOS[elbo]()
         self.num_data = num_data
         self.weight = 1.0
-        self.jit = elbo == "jit"
         self.compile = compile
-        if compile and not self.fused():
+        self._analytic_kl = isinstance(self.elbo, TraceMeanField_ELBO)
+        # the fused route, decided once: a fused ELBO class, and a program it recognises
+        fusing = isinstance(self.elbo, (FusedTrace_ELBO, FusedTraceMeanField_ELBO))
+        self._direct = fusing and self.fused()
+        if compile and not self._direct:
             raise UsageError(
                 "compile=True compiles the fused ELBO of the package's own VAE, so it needs "
                 f"elbo 'trace' or 'meanfield' (not {elbo!r}) and a VAE whose class does not "
@@ -319,7 +322,7 @@ class ELBOLoss(nn.Module):
         if self._direct and not _PYRO_STACK:
             # what the fused ELBO's differentiable_loss computes for this VAE with no Pyro
             # handler active, minus the per-step recognition of the program (done once,
-            # in _programs) and the KL-weight context: tens of microseconds a step
+            # in __init__) and the KL-weight context: tens of microseconds a step
             return self.vae.elbo_loss(
                 x, num_data=self.num_data, analytic_kl=self._analytic_kl, kl_weight=self.weight
             )
@@ -332,17 +335,13 @@ class ELBOLoss(nn.Module):
         # programs that skip registering parameters (see VAE.programs)
         if not hasattr(self, "_bound"):
             vae = self.vae
-            fusing = isinstance(self.elbo, (FusedTrace_ELBO, FusedTraceMeanField_ELBO))
-            fused = fusing and self.fused()
-            self._direct = fused
-            self._analytic_kl = isinstance(self.elbo, TraceMeanField_ELBO)
-            self._bound = (vae.model, vae.guide) if self.jit or fused else vae.programs()
+            jit = isinstance(self.elbo, JitTrace_ELBO)
+            self._bound = (vae.model, vae.guide) if jit or self._direct else vae.programs()
         return self._bound
 
     def _compiled_loss(self, x: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "_step"):
-            analytic_kl = isinstance(self.elbo, TraceMeanField_ELBO)
-            vae, num_data = self.vae, self.num_data
+            analytic_kl, vae, num_data = self._analytic_kl, self.vae, self.num_data
 
             def step(x, kl_weight, temperature):
                 return vae.elbo_loss(
@@ -364,7 +363,7 @@ class ELBOLoss(nn.Module):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for name in ("_bound", "_direct", "_step", "_inputs"):  # rebuilt in each process
+        for name in ("_bound", "_step", "_inputs"):  # rebuilt in each process
             state.pop(name, None)
         return state
 

@@ -76,8 +76,9 @@ def pyro_program(fn: _Program) -> _Program:
 
 class NamedSites:
     """Public site names, each prefixed by ``config.name`` so that two models can share one
-    Pyro program, and the plate over images; shared by the package's image models. Also
-    what keeps such a model's weights its own in Pyro's global param store."""
+    Pyro program, and the plate over data points; shared by the package's models (of
+    images or vectors). Also what keeps such a model's weights its own in Pyro's global
+    param store."""
 
     config: VAEConfig
     decoder: torch.nn.Module
@@ -296,7 +297,7 @@ class VAE(NamedSites, PyroModule):
                 "the guide encodes observed images, so it needs x; to generate new images "
                 "run the model alone, e.g. vae.model(batch_size=16)"
             )
-        if not self.training and getattr(self.latent, "relaxed", False) and self._trains_encoder():
+        if self._exact_codes and self._trains_encoder():
             raise UsageError(
                 "this relaxed-categorical VAE is in eval mode, where its codes are exact "
                 "one-hot draws with no reparameterized gradient, so SVI would fail or fall "
@@ -305,6 +306,12 @@ class VAE(NamedSites, PyroModule):
             )
         with self._plate(x, num_data, batch_size), self._latent_scale():
             return pyro.sample(self.z_site, self.latent.posterior(self.encoder(x)))
+
+    @property
+    def _exact_codes(self) -> bool:
+        """Whether z is drawn as exact one-hot codes, which have no reparameterized
+        gradient: a relaxed-categorical latent in eval mode."""
+        return self.latent.relaxed and not self.training
 
     def _trains_encoder(self) -> bool:
         """Whether an SVI step is running that would train the encoder: gradients are on
@@ -320,8 +327,8 @@ class VAE(NamedSites, PyroModule):
     def _plate(
         self, x: torch.Tensor | None, num_data: int | None, batch_size: int | None
     ) -> pyro.plate:
-        """The data plate, after checking what the caller passed: the one place where the
-        model and guide check their images."""
+        """The data plate, after checking what the caller passed: model and guide check
+        their images here, each (a model may run without its guide)."""
         if x is None:
             if batch_size is None:
                 batch_size = self._conditioned_batch()
@@ -472,7 +479,7 @@ class VAE(NamedSites, PyroModule):
         """
         self._check_images(x)
         latent = self.latent
-        if getattr(latent, "relaxed", False) and not self.training:
+        if self._exact_codes:
             raise UsageError(
                 "elbo_loss reparameterizes through z, but this relaxed-categorical VAE is in "
                 "eval mode, where its codes are exact one-hot draws; call vae.train() to "

@@ -626,6 +626,18 @@ def test_fits_elbo_module_sends_a_subclass_with_its_own_model_through_pyro(no_fu
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-4)
 
 
+def test_compile_needs_a_fused_elbo():
+    """compile=True compiles the fused loss, so it refuses Pyro's own classes ("-pyro"),
+    which the user asked for by name, instead of compiling the fused loss in their place."""
+    from pyro_vae import fit
+
+    x = torch.rand(8, 1, 8, 8).round()
+    for elbo in ("trace-pyro", "meanfield-pyro", "jit"):
+        with pytest.raises(UsageError, match="compile"):
+            fit(tiny_vae(image_shape=(1, 8, 8)), x, epochs=1, elbo=elbo, compile=True,
+                progress=False, device="cpu")  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["trace", "meanfield"])
 def test_fits_elbo_module_equals_the_fused_elbo_class(name, fused_calls):
     from pyro_vae.train import ELBOLoss
