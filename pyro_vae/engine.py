@@ -165,6 +165,11 @@ class Settings:
     resume: bool = False
     progress: bool = True
 
+    @property
+    def resuming(self) -> bool:
+        """Whether the run goes on from its checkpoint: asked to, and there is one."""
+        return self.resume and self.checkpoint is not None and Path(self.checkpoint).exists()
+
 
 def make_devices(
     device: str | torch.device | None,
@@ -318,7 +323,7 @@ def _train_process(
     # data in the dtype the precision gave the weights (float64 under "64-true")
     objective.use_dtype(params[0].dtype)
     run, records = _Progress(), []
-    if settings.resume and settings.checkpoint is not None and Path(settings.checkpoint).exists():
+    if settings.resuming:
         records, run = _restore(objective, optimizer, settings, device, rank, world)
         if run.epoch >= settings.epochs:
             warnings.warn(
@@ -633,14 +638,17 @@ def _log(fabric, objective: Objective, record, step: int) -> None:
         return
     takers = [logger for logger in fabric.loggers if type(logger).__name__ == "TensorBoardLogger"]
     images = objective.images() if takers else {}
-    for logger in fabric.loggers:
-        experiment = logger.experiment if logger in takers else None
-        if images and experiment is not None:
-            from torchvision.utils import make_grid
+    if images:
+        from torchvision.utils import make_grid
 
-            for name, batch in images.items():
-                grid = make_grid(batch.detach().float().cpu().clamp(0, 1), nrow=8, pad_value=1)
-                experiment.add_image(name, grid, global_step=step)
+        grids = {
+            name: make_grid(batch.detach().float().cpu().clamp(0, 1), nrow=8, pad_value=1)
+            for name, batch in images.items()
+        }
+        for logger in takers:
+            for name, grid in grids.items():
+                logger.experiment.add_image(name, grid, global_step=step)
+    for logger in fabric.loggers:
         logger.save()
 
 

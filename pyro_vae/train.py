@@ -257,7 +257,8 @@ def fit(
     test_x = None
     if test is not None:
         test_x = held_out_data(test, vae.config.image_shape, vae.likelihood, "test").to(dtype)
-    if not (resume and checkpoint is not None and Path(checkpoint).exists()):
+    settings = Settings(epochs, lr, seed, checkpoint, resume, progress)
+    if not settings.resuming:
         _check_gaussian_scale(vae, train)
     objective = VAEObjective(
         vae,
@@ -269,7 +270,6 @@ def fit(
         warmup=warmup,
         temperature=(temperature, temperature_floor, temperature_schedule, temperature_anneal),
     )
-    settings = Settings(epochs, lr, seed, checkpoint, resume, progress)
     records, rank = engine.train(
         objective, settings, engine_devices, make_loggers(loggers, log_dir), on_epoch
     )
@@ -393,7 +393,7 @@ class VAEObjective(Objective):
         self.beta, self.warmup = beta, warmup
         self.temperature = temperature
         # only latents with a relaxation have a temperature
-        self.anneals = hasattr(vae.latent, "temperature")
+        self.has_temperature = hasattr(vae.latent, "temperature")
 
     def setup(self, device: torch.device, rank: int, world: int, epochs: int) -> None:
         self.batches.shard(rank, world)
@@ -418,7 +418,7 @@ class VAEObjective(Objective):
 
     def before_step(self, step: int) -> None:
         self.module.weight = self.kl_weight(step)
-        if self.anneals:
+        if self.has_temperature:
             # as the KL warm-up does, step n uses the value reached after n + 1 steps,
             # so the last step of the annealing is at the floor
             self.model.latent.temperature = self.temperature_after(step + 1)
@@ -437,7 +437,7 @@ class VAEObjective(Objective):
             **progress,
             test_elbo=test_elbo,
             kl_weight=self.kl_weight(step - 1),
-            temperature=self.temperature_after(step) if self.anneals else None,
+            temperature=self.temperature_after(step) if self.has_temperature else None,
         )
 
     @torch.no_grad()
