@@ -310,8 +310,9 @@ class VAE(NamedSites, PyroModule):
     @property
     def _exact_codes(self) -> bool:
         """Whether z is drawn as exact one-hot codes, which have no reparameterized
-        gradient: a relaxed-categorical latent in eval mode."""
-        return self.latent.relaxed and not self.training
+        gradient: a relaxed-categorical latent in eval mode (a latent family of your own
+        without a ``relaxed`` attribute has none)."""
+        return getattr(self.latent, "relaxed", False) and not self.training
 
     def _trains_encoder(self) -> bool:
         """Whether an SVI step is running that would train the encoder: gradients are on

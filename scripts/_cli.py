@@ -138,16 +138,18 @@ def load_data(args: argparse.Namespace):
     return train, stack_dataset(test)
 
 
+def add_device_arg(parser, prefix: str = "") -> None:
+    """``--device``: auto (CUDA when a GPU is there, else the CPU), cpu, cuda or cuda:N;
+    :func:`pyro_vae.engine.resolve_device` reads it and names a bad value."""
+    parser.add_argument("--device", default="auto", help=f"{prefix}auto, cpu, cuda or cuda:N")
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Where and how training runs (Lightning Fabric's options) and what it logs."""
     from pyro_vae.engine import PRECISIONS
 
     group = parser.add_argument_group("devices and logging")
-    group.add_argument(
-        "--device",
-        default="auto",
-        help="shorthand for --accelerator: auto, cpu, cuda or cuda:N",
-    )
+    add_device_arg(group, "shorthand for --accelerator: ")
     group.add_argument("--accelerator", default="auto", help="auto, cpu, cuda, ...")
     group.add_argument(
         "--devices", default="1", help="processes (devices) per node, e.g. 2, or -1 for all"

@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 
 import torch
-from _cli import add_data_args, check_figure_path, load_data, make_out_dir, require_positive
+from _cli import (
+    add_data_args,
+    add_device_arg,
+    check_figure_path,
+    load_data,
+    make_out_dir,
+    require_positive,
+)
 
 from pyro_vae import load_vae, plots
 from pyro_vae.data import ImageSet, stack_dataset
@@ -31,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--count", type=int, default=64, help="--decode: images in the grid")
     p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_arg(p)
     p.add_argument(
         "--out", type=Path, required=True, help="token file (.pt), or with --decode a picture"
     )

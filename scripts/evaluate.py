@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _cli import add_data_args, load_data, make_out_dir, require_positive, run_main
+from _cli import add_data_args, add_device_arg, load_data, make_out_dir, require_positive, run_main
 
 from pyro_vae import plots
 from pyro_vae.checkpoint import load_checkpoint, load_vae
@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--elbo-particles", type=int, default=10, help="draws per image for the ELBO")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="numbers only, no pictures")
     add_data_args(p)

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from _cli import add_data_args, load_data, make_out_dir, require_positive, run_main
+from _cli import add_data_args, add_device_arg, load_data, make_out_dir, require_positive, run_main
 
 from pyro_vae import plots, ppc
 from pyro_vae.checkpoint import load_vae
@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, default=100, help="replicates (draws of z) per image")
     p.add_argument("--batch-size", type=int, default=100, help="images per vectorized pass")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_arg(p)
     add_data_args(p)
     p.add_argument(
         "--out", type=Path, help="folder for the results (default: ppc/ beside the checkpoint)"
