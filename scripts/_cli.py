@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -56,6 +57,38 @@ def check_figure_path(path: Path, what: str) -> None:
             f"{', '.join('.' + f for f in sorted(formats))}"
         )
     make_out_dir(path.parent)
+
+
+def run_checkpoint(out: Path, resume: bool) -> Path:
+    """The checkpoint of run folder ``out``, after refusing a folder that holds a run
+    without ``--resume`` (it would be overwritten) and a ``--resume`` with nothing to
+    resume."""
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists() and not resume:
+        raise CheckpointError(
+            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    if resume and not checkpoint.exists():
+        raise CheckpointError(f"--resume: there is no checkpoint at {checkpoint}")
+    return checkpoint
+
+
+def write_run_config(out: Path, config, args: argparse.Namespace) -> None:
+    """Make the run folder and, from the first process only, write ``config.json``: the
+    model's config and every option of the command."""
+    make_out_dir(out)
+    if is_first_process():  # the other processes of a data-parallel run write nothing
+        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        text = json.dumps({"model": config.to_dict(), "args": options}, indent=2)
+        (out / "config.json").write_text(text)
+
+
+def epoch_printer(args: argparse.Namespace) -> Callable | None:
+    """The training functions' ``on_epoch`` for ``--no-progress``: without bars, a line per
+    epoch still shows that a long run is alive."""
+    if not args.no_progress:
+        return None
+    return lambda record: print(record.summary(args.epochs), flush=True)
 
 
 def make_out_dir(path: Path, option: str = "--out") -> Path:

@@ -19,17 +19,18 @@ from _cli import (
     add_data_args,
     add_engine_args,
     engine_kwargs,
-    is_first_process,
+    epoch_printer,
     load_data,
-    make_out_dir,
     require_positive,
+    run_checkpoint,
     run_main,
+    write_run_config,
 )
 
 from pyro_vae import VAE, VAEConfig, fit, plots
 from pyro_vae.config import ARCHS, GAUSSIAN_SIGMAS, LATENTS, LIKELIHOODS
 from pyro_vae.data import ImageSet, fixed_preprocess
-from pyro_vae.errors import CheckpointError, TrainingDivergedError, UsageError
+from pyro_vae.errors import TrainingDivergedError, UsageError
 from pyro_vae.evaluate import bits_per_dim
 from pyro_vae.tokenizer import discrete_metrics
 from pyro_vae.train import ELBOS, TEMPERATURE_SCHEDULES
@@ -110,13 +111,7 @@ def main(args: argparse.Namespace) -> None:
             f"--iwae-particles must be 0 (no bound) or more, got {args.iwae_particles}"
         )
     out = args.out or Path("runs") / f"{args.likelihood}-{args.arch}"
-    checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists() and not args.resume:
-        raise CheckpointError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
-        )
-    if args.resume and not checkpoint.exists():
-        raise CheckpointError(f"--resume: there is no checkpoint at {checkpoint}")
+    checkpoint = run_checkpoint(out, args.resume)
     train, test = load_data(args)
     if isinstance(train, ImageSet):
         train = train.head(args.limit).images
@@ -126,12 +121,7 @@ def main(args: argparse.Namespace) -> None:
     # every model option is named after its VAEConfig field
     options = {f.name: getattr(args, f.name) for f in fields(VAEConfig) if f.name in vars(args)}
     config = VAEConfig(image_shape=tuple(test.shape[1:]), **options)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    make_out_dir(out)
-    if is_first_process():  # the other processes of a data-parallel run write nothing
-        (out / "config.json").write_text(
-            json.dumps({"model": config.to_dict(), "args": settings}, indent=2)
-        )
+    write_run_config(out, config, args)
 
     pyro.set_rng_seed(args.seed)  # before the VAE: its initial weights are random too
     vae = VAE(config)
@@ -157,10 +147,7 @@ def main(args: argparse.Namespace) -> None:
             temperature_schedule=args.temperature_schedule,
             temperature_anneal=args.temperature_anneal,
             **engine_kwargs(args, out),
-            # without bars, a line per epoch still shows that a long run is alive
-            on_epoch=(lambda record: print(record.summary(args.epochs), flush=True))
-            if args.no_progress
-            else None,
+            on_epoch=epoch_printer(args),
         )
     except KeyboardInterrupt:
         print(

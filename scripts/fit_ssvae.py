@@ -24,16 +24,19 @@ import torch
 from _cli import (
     add_engine_args,
     engine_kwargs,
+    epoch_printer,
     is_first_process,
-    make_out_dir,
     require_positive,
+    run_checkpoint,
     run_main,
+    write_run_config,
 )
 
 from pyro_vae import load_checkpoint, load_vae
 from pyro_vae.config import LIKELIHOODS, VAEConfig
 from pyro_vae.data import load_mnist
-from pyro_vae.errors import CheckpointError, UsageError
+from pyro_vae.engine import resolve_device
+from pyro_vae.errors import UsageError
 from pyro_vae.ssvae import SSVAE, SSVAEEpoch, active_code_dims, balanced_labels, fit_ssvae
 
 
@@ -82,13 +85,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     require_positive(args, "labels_per_class", "epochs", "batch_size", "limit", "test_limit")
-    checkpoint = args.out / "checkpoint.pt"
-    if checkpoint.exists() and not args.resume:
-        raise CheckpointError(
-            f"{args.out} already holds a run; pass --resume to continue it, or choose another --out"
-        )
-    if args.resume and not checkpoint.exists():
-        raise CheckpointError(f"--resume: there is no checkpoint at {checkpoint}")
+    checkpoint = run_checkpoint(args.out, args.resume)
     if args.all_codes and args.base is None:
         raise UsageError("--all-codes chooses the codes of a --base VAE; pass --base too")
     base = None
@@ -118,13 +115,8 @@ def main(args: argparse.Namespace) -> None:
     if base is not None:
         size = base.config.latent_dim
         print(f"M2 models {len(ssvae.code_dims)} of the base's {size} code dimensions")
-    make_out_dir(args.out)
+    write_run_config(args.out, config, args)
     first = is_first_process()  # the other processes of a data-parallel run write nothing
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    if first:
-        (args.out / "config.json").write_text(
-            json.dumps({"model": config.to_dict(), "args": settings}, indent=2)
-        )
 
     start = time.perf_counter()
     interrupted = False
@@ -143,10 +135,7 @@ def main(args: argparse.Namespace) -> None:
             checkpoint=checkpoint,
             resume=args.resume,
             progress=not args.no_progress,
-            # without bars, a line per epoch still shows that a long run is alive
-            on_epoch=(lambda record: print(record.summary(args.epochs), flush=True))
-            if args.no_progress
-            else None,
+            on_epoch=epoch_printer(args),
             **engine_kwargs(args, args.out),
         )
     except KeyboardInterrupt:
@@ -176,7 +165,9 @@ def main(args: argparse.Namespace) -> None:
         "epochs": len(rows),
         "interrupted": interrupted,
         "wall_seconds": time.perf_counter() - start,
-        "accelerator": args.device if args.device != "auto" else args.accelerator,
+        "accelerator": resolve_device(args.device).type
+        if args.accelerator == "auto"
+        else args.accelerator,
         "processes": args.devices,
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))

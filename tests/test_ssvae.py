@@ -256,6 +256,8 @@ def test_fit_ssvae_script(tmp_path: Path, mnist_dir: Path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labelled_images"] == 20 and metrics["unlabelled_images"] == 480
     assert 0 <= metrics["test_accuracy"] <= 1 and metrics["epochs"] == 1
+    # the device it ran on, not the option's "auto"
+    assert metrics["accelerator"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert load_ssvae(out / "checkpoint.pt").num_classes == 10
     assert run_script("fit_ssvae.py", *args) == 2
     assert "already holds a run" in capsys.readouterr().err
