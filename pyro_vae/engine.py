@@ -96,7 +96,8 @@ class Objective:
     record_type: type
 
     def setup(self, device: torch.device, rank: int, world: int, epochs: int) -> None:
-        """Called in each process once the device is known, before training."""
+        """Called in each process once the device is known, before training, after the
+        loop has sharded :attr:`batches` and moved them to the device."""
 
     def use_dtype(self, dtype: torch.dtype) -> None:
         """Called once Fabric has set up the weights (``"64-true"`` makes them float64):
@@ -307,6 +308,9 @@ def _train_process(
     rank, world = fabric.global_rank, fabric.world_size
     device = fabric.device
     pyro.set_rng_seed(settings.seed + rank)  # the same weights everywhere, not the same noise
+    # this process's shard of every epoch, delivered on its device
+    objective.batches.shard(rank, world)
+    objective.batches.to(device)
     objective.setup(device, rank, world, settings.epochs)
     module = objective.module.to(device)
     _materialize(objective)

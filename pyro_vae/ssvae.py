@@ -444,8 +444,6 @@ class SSVAEObjective(Objective):
         self.test = test
 
     def setup(self, device: torch.device, rank: int, world: int, epochs: int) -> None:
-        self.batches.shard(rank, world)
-        self.batches.to(device)
         self.module.labelled = self.module.labelled.to(device)
         self.module.labels = self.module.labels.to(device)
         self.local_test = None

@@ -396,8 +396,6 @@ class VAEObjective(Objective):
         self.has_temperature = hasattr(vae.latent, "temperature")
 
     def setup(self, device: torch.device, rank: int, world: int, epochs: int) -> None:
-        self.batches.shard(rank, world)
-        self.batches.to(device)
         self.warmup_steps = self.warmup * len(self.batches)
         start, floor, shape, anneal = self.temperature
         anneal_steps = (epochs if anneal is None else anneal) * len(self.batches)
