@@ -44,7 +44,7 @@ from pyro_vae.fused import FusedTrace_ELBO
 
 # Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, with which every step of a
 # torch optimizer on the CPU (torch built for CUDA) loads NVML to ask whether CUDA is
-# there: about 0.2 ms. fit's optimizer skips that question on the CPU; a plain PyTorch
+# there: about 0.3 ms. fit's optimizer skips that question on the CPU; a plain PyTorch
 # loop outside this process never pays it, so it must not pay it here either.
 os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
 

@@ -580,7 +580,7 @@ class _Adam(torch.optim.Adam):
     That check asks ``torch.cuda.is_available()`` on every step. Importing Lightning sets
     ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (so that asking does not initialise CUDA before a
     fork), and with it, on a machine whose torch is built for CUDA but that trains on the
-    CPU, each question loads and initialises NVML: about 0.2 ms, some 2% of an MNIST step
+    CPU, each question loads and initialises NVML: about 0.3 ms, some 3% of an MNIST step
     (``docs/benchmarks.md``). On a GPU the answer is cached and the check runs as usual.
     """
 

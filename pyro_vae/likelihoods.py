@@ -96,8 +96,8 @@ class BernoulliImage(dist.Independent):
 
     def total_log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """``log_prob(value).sum()`` in one reduction over all pixels of all images: no
-        per-image sums, whose full-size intermediate costs a training step on the CPU
-        about 0.1 ms (allocation and page faults, forward and backward)."""
+        per-image sums and their full-size intermediate (30-45 us a call at batch 256 on
+        the CPU, forward and backward; ``benchmarks/step_parts.py``)."""
         if self._validate_args:
             self._validate_sample(value)
         logits = self.base_dist.logits

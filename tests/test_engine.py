@@ -378,7 +378,7 @@ def test_the_host_tally_names_the_first_bad_step_even_when_read_late():
 def test_cpu_training_does_not_ask_for_cuda_on_every_step(monkeypatch):
     """Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, and torch's Adam asks
     torch.cuda.is_available() on every step, which then loads NVML each time (about
-    0.2 ms on a CUDA build of torch without a GPU). fit's optimizer does not ask on the
+    0.3 ms on a CUDA build of torch without a GPU). fit's optimizer does not ask on the
     CPU: the number of questions does not grow with the number of steps."""
     monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     asked = []
