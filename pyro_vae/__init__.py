@@ -2,9 +2,17 @@
 
 from .checkpoint import load_checkpoint, load_vae, save_checkpoint
 from .config import VAEConfig
-from .errors import CheckpointError, DataError, TrainingDivergedError, UsageError
+from .errors import (
+    CheckpointError,
+    DataError,
+    ProcessLostError,
+    TrainingDivergedError,
+    UsageError,
+)
 from .evaluate import Evaluation, elbo, evaluate_vae, iwae_log_likelihood
-from .train import EpochRecord, History, fit
+from .history import EpochRecord, History
+from .run import Run
+from .train import Temperature, fit
 from .vae import VAE
 
 __all__ = [
@@ -14,6 +22,9 @@ __all__ = [
     "EpochRecord",
     "Evaluation",
     "History",
+    "ProcessLostError",
+    "Run",
+    "Temperature",
     "TrainingDivergedError",
     "UsageError",
     "VAEConfig",

@@ -9,6 +9,7 @@ probability of the 8-bit image. Held-out splits get one fixed, seeded draw inste
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 import zlib
@@ -276,6 +277,33 @@ def held_out_data(
     return x
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out data made ready once (:func:`held_out_data`), with optional labels; each
+    training process scores its own :meth:`shard` of it."""
+
+    data: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    @classmethod
+    def of(
+        cls, images: torch.Tensor, image_shape, likelihood, labels: torch.Tensor | None = None
+    ) -> HeldOut:
+        """Check and preprocess ``images`` (see :func:`held_out_data`) once, for good."""
+        data = held_out_data(images, image_shape, likelihood, "test")
+        if labels is not None and labels.shape != data.shape[:1]:
+            raise DataError(f"need one label per held-out image, got {tuple(labels.shape)}")
+        return cls(data, labels)
+
+    def shard(self, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> HeldOut:
+        """Process ``rank``'s every ``world``-th data point, on ``device`` in ``dtype``."""
+        labels = None if self.labels is None else self.labels[rank::world].to(device)
+        return HeldOut(self.data[rank::world].to(device=device, dtype=dtype), labels)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+
 # ---------------------------------------------------------------------------- batching
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of epoch ``epoch``: a function of (seed, epoch) alone, so a run
@@ -286,7 +314,11 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 class _Batches:
     """What the batch sources share: each epoch's shuffled order, the shard of it that
-    this process trains on, and making each batch ready for the likelihood.
+    one process trains on, and making each batch ready for the likelihood.
+
+    A source is built once, on the CPU and unsharded; :meth:`prepare` gives each
+    training process its own copy, sharded, on its device and in its dtype, which the
+    loop only iterates (``len``, :meth:`epoch`).
 
     With ``world`` processes (data-parallel training), the order of an epoch is padded by
     wrapping around to a multiple of ``world`` and process ``rank`` takes every
@@ -316,16 +348,34 @@ class _Batches:
         self.dtype = dtype
         self.check = check
         self.rank, self.world = 0, 1
-        #: set by the training loop under several processes: called with the DataError of
-        #: a batch that fails ``check`` and the batch, it returns a stand-in batch (the
-        #: other processes must not be left waiting; see :mod:`pyro_vae.engine`).
         self.on_bad_data: Callable[[DataError, torch.Tensor], torch.Tensor] | None = None
 
-    def shard(self, rank: int, world: int) -> None:
-        """Make this source yield process ``rank``'s share of ``world`` (see the class)."""
+    def prepare(
+        self,
+        rank: int,
+        world: int,
+        device: torch.device | str,
+        dtype: torch.dtype | None = None,
+        on_bad_data: Callable[[DataError, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        """This source as process ``rank`` of ``world`` trains on it: its shard, delivered
+        on ``device`` in ``dtype`` (None: as stored). The source itself is unchanged.
+
+        :param on_bad_data: where several processes train, called with the DataError of a
+            batch that fails ``check`` and the batch; it returns a stand-in batch, since
+            the other processes must not be left waiting (see :mod:`pyro_vae.divergence`).
+            Without it the error is raised.
+        """
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not one of {world} processes")
-        self.rank, self.world = rank, world
+        prepared = copy.copy(self)
+        prepared.rank, prepared.world, prepared.on_bad_data = rank, world, on_bad_data
+        prepared.dtype = dtype if dtype is not None else self.dtype
+        prepared._move(torch.device(device))
+        return prepared
+
+    def _move(self, device: torch.device) -> None:
+        raise NotImplementedError
 
     @property
     def shard_size(self) -> int:
@@ -361,16 +411,16 @@ class _Batches:
 class TensorBatches(_Batches):
     """Mini-batches of an in-memory image tensor that lives on the training device.
 
-    The whole data set is moved once; a batch is an index into it. This avoids the
-    per-batch collation of a ``DataLoader``, the slow path for data that fits in memory.
-    Floating-point data is checked (``check``) once, as a whole, not per batch.
+    The whole data set is moved once (by :meth:`prepare`); a batch is an index into it.
+    This avoids the per-batch collation of a ``DataLoader``, the slow path for data that
+    fits in memory. Floating-point data is checked (``check``) once, as a whole, not per
+    batch.
     """
 
     def __init__(
         self,
         images: torch.Tensor,
         batch_size: int,
-        device: torch.device | str = "cpu",
         seed: int = 0,
         preprocessing: str | None = None,
         dtype: torch.dtype | None = None,
@@ -379,12 +429,10 @@ class TensorBatches(_Batches):
         super().__init__(images.shape[0], batch_size, seed, preprocessing, dtype, None)
         if images.is_floating_point() and check is not None:
             check(images)
-        self.images = images.to(device)
+        self.images = images
 
-    def to(self, device: torch.device | str) -> TensorBatches:
-        """Move the held images to ``device`` (the training device of this process)."""
+    def _move(self, device: torch.device) -> None:
         self.images = self.images.to(device)
-        return self
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         """The ready batches of ``epoch`` from batch number ``start`` on."""
@@ -403,7 +451,6 @@ class LoaderBatches(_Batches):
         self,
         dataset: Dataset,
         batch_size: int,
-        device: torch.device | str = "cpu",
         seed: int = 0,
         num_workers: int = 2,
         preprocessing: str | None = None,
@@ -412,13 +459,11 @@ class LoaderBatches(_Batches):
     ):
         super().__init__(len(dataset), batch_size, seed, preprocessing, dtype, check)
         self.dataset = dataset
-        self.device = torch.device(device)
+        self.device = torch.device("cpu")
         self.num_workers = num_workers
 
-    def to(self, device: torch.device | str) -> LoaderBatches:
-        """Deliver batches on ``device``."""
-        self.device = torch.device(device)
-        return self
+    def _move(self, device: torch.device) -> None:
+        self.device = device
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         """The ready batches of ``epoch`` from batch number ``start`` on."""
@@ -434,3 +479,47 @@ class LoaderBatches(_Batches):
             if isinstance(batch, (tuple, list)):  # (image, label, ...) items: the image
                 batch = batch[0]
             yield self._ready(batch.to(self.device, non_blocking=True))
+
+
+class PairedBatches:
+    """The semi-supervised batch source: each step's batch of unlabelled images (from
+    ``unlabelled``, a source above) paired with a random batch of the labelled images,
+    preprocessed alike, as ``(x_unlabelled, x_labelled, labels)``.
+
+    :param labelled: ``(L, ...)`` uint8 images (or ready floating-point data).
+    :param labels: ``(L,)`` integer labels.
+    :param batch_size: labelled images per step (all of them when there are fewer).
+    """
+
+    def __init__(
+        self,
+        unlabelled: _Batches,
+        labelled: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+    ):
+        self.unlabelled = unlabelled
+        self.labelled, self.labels = labelled, labels
+        self.batch_size = batch_size
+        self.num_data = unlabelled.num_data
+        self.num_labelled = labelled.shape[0]
+
+    def prepare(self, rank, world, device, dtype=None, on_bad_data=None) -> PairedBatches:
+        """As :meth:`_Batches.prepare`: the unlabelled shard, and the labelled images on
+        ``device`` (every process draws its labelled batches from all of them)."""
+        prepared = copy.copy(self)
+        prepared.unlabelled = self.unlabelled.prepare(rank, world, device, dtype, on_bad_data)
+        prepared.labelled = self.labelled.to(device)
+        prepared.labels = self.labels.to(device)
+        return prepared
+
+    def __len__(self) -> int:
+        return len(self.unlabelled)
+
+    def epoch(self, epoch: int, start: int = 0):
+        """``(x_unlabelled, x_labelled, labels)`` of each step of ``epoch`` from ``start``."""
+        source = self.unlabelled
+        for x_u in source.epoch(epoch, start):
+            pick = torch.randperm(self.num_labelled, device=x_u.device)[: self.batch_size]
+            x_l = preprocess(self.labelled[pick], source.preprocessing).to(x_u.dtype)
+            yield x_u, x_l, self.labels[pick]

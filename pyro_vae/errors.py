@@ -33,3 +33,8 @@ class TrainingDivergedError(RuntimeError):
 class UsageError(ValueError):
     """An option, argument or combination of them that cannot work, e.g. an unknown
     likelihood, a negative batch size, or a mode the model is not in."""
+
+
+class ProcessLostError(RuntimeError):
+    """Another process of a multi-process run stopped (killed, out of memory, its machine
+    gone), so this one cannot go on; the run resumes from its last checkpoint."""

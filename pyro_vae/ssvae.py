@@ -40,8 +40,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pyro
@@ -52,16 +51,18 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.nn import PyroModule
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_weights
 from .config import VAEConfig
-from .data import TensorBatches, held_out_data, preprocess
-from .engine import Batch, Objective, Settings, epoch_line, make_devices, make_loggers, unwrap
+from .data import HeldOut, PairedBatches, TensorBatches
+from .engine import Batch, Objective, unwrap
 from .engine import train as train_engine
 from .errors import CheckpointError, DataError, UsageError
 from .evaluate import ACTIVE_THRESHOLD, prepare_held_out, unit_activity
+from .history import EpochRecord, History
 from .latents import GaussianLatent
 from .likelihoods import GaussianLikelihood, Likelihood, make_likelihood
 from .nets import MLPDecoder, MLPEncoder
+from .run import Run
 from .vae import VAE, NamedSites, pyro_program
 
 
@@ -367,67 +368,35 @@ def balanced_labels(labels: torch.Tensor, per_class: int, seed: int = 0) -> torc
     return torch.cat(chosen)
 
 
-@dataclass
-class SSVAEEpoch:
-    """What one epoch of :func:`fit_ssvae` did."""
-
-    epoch: int
-    #: mean loss per unlabelled image: -ELBO of the unlabelled batch plus the labelled
-    #: batch's -ELBO and auxiliary term, each scaled to its own data set.
-    train_loss: float
-    #: classifier accuracy on the held-out images (None: no test data).
-    test_accuracy: float | None
-    #: wall-clock seconds of the epoch's training steps.
-    seconds: float
-    #: optimizer steps taken so far, over all epochs.
-    step: int = 0
-    #: Adam's learning rate in the epoch.
-    lr: float | None = None
-
-    def summary(self, epochs: int) -> str:
-        """One line for a log: epoch, loss, accuracy and seconds."""
-        accuracy = "" if self.test_accuracy is None else f"  test accuracy {self.test_accuracy:.4f}"
-        return epoch_line(self, epochs, accuracy)
-
-
 class SSVAELoss(nn.Module):
     """The semi-supervised objective of one step as a module (what DDP wraps): the
     enumerated ELBO of a batch of unlabelled images, the ELBO of a random batch of the
-    labelled ones (labels observed), and the auxiliary classification loss."""
+    labelled ones (labels observed), and the auxiliary classification loss.
 
-    def __init__(
-        self,
-        ssvae: SSVAE,
-        labelled: torch.Tensor,
-        labels: torch.Tensor,
-        num_unlabelled: int,
-        batch_size: int,
-        aux_weight: float,
-    ):
+    A step's batch is ``(x_unlabelled, x_labelled, labels)``, made ready by
+    :class:`~pyro_vae.data.PairedBatches`.
+    """
+
+    def __init__(self, ssvae: SSVAE, num_unlabelled: int, num_labelled: int, aux_weight: float):
         super().__init__()
         self.ssvae = ssvae
-        self.labelled, self.labels = labelled, labels
-        self.num_unlabelled = num_unlabelled
-        self.batch_size = batch_size
+        self.num_unlabelled, self.num_labelled = num_unlabelled, num_labelled
         # the auxiliary weight is a fraction of the whole data set's size
-        self.alpha = aux_weight * (num_unlabelled + labelled.shape[0])
+        self.alpha = aux_weight * (num_unlabelled + num_labelled)
         self.unlabelled_elbo = TraceEnum_ELBO(max_plate_nesting=1)
         # the labelled ELBO has nothing to enumerate, so plain Trace_ELBO scores it
         self.labelled_elbo = Trace_ELBO()
 
-    def forward(self, x_u: torch.Tensor | Batch) -> torch.Tensor:
-        x_u = unwrap(x_u)
-        ssvae, how = self.ssvae, self.ssvae.image_likelihood.preprocessing
+    def forward(self, batch: tuple | Batch) -> torch.Tensor:
+        x_u, x_l, y_l = unwrap(batch)
+        ssvae = self.ssvae
         model, guide = ssvae.programs()
-        pick = torch.randperm(self.labelled.shape[0], device=x_u.device)[: self.batch_size]
-        x_l = preprocess(self.labelled[pick], how).to(x_u.dtype)
-        y_l = self.labels[pick]
         return (
             self.unlabelled_elbo.differentiable_loss(
                 model, guide, x_u, num_data=self.num_unlabelled
             )
             + self.labelled_elbo.differentiable_loss(
-                model, guide, x_l, y_l, num_data=self.labelled.shape[0]
+                model, guide, x_l, y_l, num_data=self.num_labelled
             )
             + self.alpha / x_l.shape[0] * ssvae.classification_loss(x_l, y_l)
         )
@@ -437,33 +406,20 @@ class SSVAEObjective(Objective):
     """How :func:`fit_ssvae` trains an SSVAE in the package's one loop: the objective of
     :class:`SSVAELoss`, and the classifier's held-out accuracy as the epoch's metric."""
 
-    record_type = SSVAEEpoch
+    def __init__(self, ssvae: SSVAE, module: SSVAELoss, held_out: HeldOut | None):
+        self.model, self.module, self.held_out = ssvae, module, held_out
 
-    def __init__(self, ssvae: SSVAE, module: SSVAELoss, batches, test):
-        self.model, self.module, self.batches = ssvae, module, batches
-        self.test = test
+    def prepare(self, rank: int, world: int, device, dtype, steps: int) -> None:
+        held_out = self.held_out  # each process classifies its own slice
+        self.local_test = None if held_out is None else held_out.shard(rank, world, device, dtype)
 
-    def setup(self, device: torch.device, rank: int, world: int, epochs: int) -> None:
-        self.module.labelled = self.module.labelled.to(device)
-        self.module.labels = self.module.labels.to(device)
-        self.local_test = None
-        if self.test is not None:  # each process classifies its own slice
-            x, y = self.test
-            self.local_test = x[rank::world].to(device), y[rank::world].to(device)
-
-    def use_dtype(self, dtype: torch.dtype) -> None:
-        super().use_dtype(dtype)
-        if self.local_test is not None:
-            self.local_test = self.local_test[0].to(dtype), self.local_test[1]
-
-    def record(self, reduce, progress: dict) -> SSVAEEpoch:
-        accuracy = None
-        if self.local_test is not None:
-            x, y = self.local_test
-            hits = self.model.accuracy(x, y) * len(y) if len(y) else 0.0
-            total = reduce(torch.tensor([hits, len(y)], dtype=torch.float64, device=y.device))
-            accuracy = (total[0] / total[1]).item()
-        return SSVAEEpoch(**progress, test_accuracy=accuracy)
+    def metrics(self, reduce, step: int) -> dict:
+        if self.local_test is None:
+            return {"test_accuracy": None}
+        x, y = self.local_test.data, self.local_test.labels
+        hits = self.model.accuracy(x, y) * len(y) if len(y) else 0.0
+        total = reduce(torch.tensor([hits, len(y)], dtype=torch.float64, device=y.device))
+        return {"test_accuracy": (total[0] / total[1]).item()}
 
     def checkpoint_extra(self) -> dict:
         ssvae = self.model
@@ -488,28 +444,15 @@ def fit_ssvae(
     unlabelled: torch.Tensor,
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
-    epochs: int = 10,
     batch_size: int = 100,
-    lr: float = 1e-3,
     aux_weight: float = 0.1,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    accelerator: str = "auto",
-    devices: int | str | list[int] = 1,
-    num_nodes: int = 1,
-    strategy: str = "auto",
-    precision: str = "32-true",
-    checkpoint: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    loggers: Sequence[str] = (),
-    log_dir: str | Path | None = None,
-    on_epoch=None,
-) -> list[SSVAEEpoch]:
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    run: Run | None = None,
+) -> History:
     """Train ``ssvae`` by SVI with ``TraceEnum_ELBO`` on labelled and unlabelled images,
     in the package's one training loop (:mod:`pyro_vae.engine`), as :func:`pyro_vae.fit`
-    trains a VAE: the same devices, processes, precision, loggers, checkpoints, resume
-    and Ctrl-C handling.
+    trains a VAE: ``run`` (a :class:`~pyro_vae.run.Run`) sets the same devices,
+    processes, precision, loggers, checkpoints, resume and Ctrl-C handling.
 
     Each step takes one batch of unlabelled images (the label enumerated) and one batch
     of labelled images (the label observed, all of them when there are at most
@@ -521,45 +464,41 @@ def fit_ssvae(
     :param unlabelled: ``(U, C, H, W)`` uint8 images; uint8 data is binarized or
         dequantized afresh each step, as :func:`pyro_vae.fit` does.
     :param test: held-out ``(images, labels)``; the classifier's accuracy on one fixed
-        preprocessing of them is recorded after each epoch.
-    :param checkpoint: file written after every epoch and on Ctrl-C (config, weights,
-        optimizer, progress, history, RNG states), and resumed from with ``resume``.
-    :param on_epoch: called with each :class:`SSVAEEpoch`, as :func:`pyro_vae.fit` calls
-        its ``on_epoch``: in the first process only, once the epoch's checkpoint is written
-        (under ``ddp_spawn``, after training).
-
-    The other arguments are those of :func:`pyro_vae.fit`.
+        preprocessing of them is recorded after each epoch (metric ``test_accuracy``).
+    :param on_epoch: called with each epoch's record, as :func:`pyro_vae.fit` calls its
+        ``on_epoch``: in the first process only, once the epoch's checkpoint is written.
+    :returns: the :class:`~pyro_vae.history.History` of the run, as :func:`pyro_vae.fit`.
     """
+    run = run or Run()
+    _check_data(ssvae, labelled, labels, unlabelled)
+    if batch_size < 1 or aux_weight < 0:
+        raise UsageError(
+            f"need batch_size >= 1 and aux_weight >= 0, got {batch_size}, {aux_weight}"
+        )
+    ssvae.cpu().train()
+    how = ssvae.image_likelihood.preprocessing
+    source = TensorBatches(unlabelled, batch_size, run.seed, how)
+    batches = PairedBatches(source, labelled, labels, batch_size)
+    module = SSVAELoss(ssvae, unlabelled.shape[0], labelled.shape[0], aux_weight)
+    held_out = None
+    if test is not None:
+        images, test_labels = test
+        held_out = HeldOut.of(images, ssvae.config.image_shape, ssvae.image_likelihood, test_labels)
+    history = train_engine(SSVAEObjective(ssvae, module, held_out), batches, run, on_epoch)
+    ssvae.eval()
+    return history
+
+
+def _check_data(ssvae: SSVAE, labelled, labels, unlabelled) -> None:
     if labelled.shape[0] == 0 or labels.shape != labelled.shape[:1]:
         raise DataError("need a non-empty batch of labelled images with one label each")
     if unlabelled.shape[0] == 0:
         raise DataError("need unlabelled images")
     if labels.min() < 0 or labels.max() >= ssvae.num_classes:
         raise DataError(f"labels must lie in 0..{ssvae.num_classes - 1}")
-    if epochs < 1:
-        raise UsageError(f"epochs={epochs}: fit_ssvae would train nothing; ask for at least 1")
-    if batch_size < 1 or lr <= 0 or aux_weight < 0:
-        raise UsageError("need batch_size >= 1, lr > 0, aux_weight >= 0")
     for images in (labelled, unlabelled):
         if images.is_floating_point():  # uint8 images are made valid data by preprocess()
             ssvae.image_likelihood.check_data(images)
-    engine_devices = make_devices(device, accelerator, devices, num_nodes, strategy, precision)
-    ssvae.cpu().train()
-    how = ssvae.image_likelihood.preprocessing
-    dtype = next(ssvae.parameters()).dtype
-    batches = TensorBatches(unlabelled, batch_size, "cpu", seed, how, dtype)
-    module = SSVAELoss(ssvae, labelled, labels, unlabelled.shape[0], batch_size, aux_weight)
-    held_out = None
-    if test is not None:
-        images = held_out_data(test[0], ssvae.config.image_shape, ssvae.image_likelihood, "test")
-        held_out = images.to(dtype), test[1]
-    objective = SSVAEObjective(ssvae, module, batches, held_out)
-    settings = Settings(epochs, lr, seed, checkpoint, resume, progress)
-    records, _ = train_engine(
-        objective, settings, engine_devices, make_loggers(loggers, log_dir), on_epoch
-    )
-    ssvae.eval()
-    return records
 
 
 def load_ssvae(path: str | Path, map_location: str | torch.device = "cpu") -> SSVAE:
@@ -578,8 +517,4 @@ def load_ssvae(path: str | Path, map_location: str | torch.device = "cpu") -> SS
         )
     except (AttributeError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path} holds an invalid SSVAE or base config: {error}") from None
-    try:
-        ssvae.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{path} has weights that do not fit its config: {error}") from None
-    return ssvae.to(map_location).eval()
+    return load_weights(ssvae, state, path).to(map_location).eval()

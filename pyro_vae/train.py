@@ -11,29 +11,30 @@ it: devices, processes, precision, checkpoints and the rest, as for every model 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
-from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.runtime import am_i_wrapped
 from torch import nn
 from torch.utils.data import Dataset
 
 from . import engine, evaluate
 from .data import (
+    HeldOut,
     LoaderBatches,
     TensorBatches,
     check_shape,
     check_tensor,
     fixed_preprocess,
-    held_out_data,
 )
-from .engine import Objective, Settings, make_devices, make_loggers
+from .engine import Objective
 from .errors import DataError, UsageError
 from .fused import FusedTrace_ELBO, FusedTraceMeanField_ELBO, fused_loss
+from .history import EpochRecord, History
 from .likelihoods import GaussianLikelihood
+from .run import Run
 
 #: fit's estimators. "trace" and "meanfield" are Pyro's Trace_ELBO and TraceMeanField_ELBO
 #: as subclasses that compute the package's own VAE without tracing it (pyro_vae.fused;
@@ -45,53 +46,6 @@ ELBOS = {
     "meanfield-pyro": TraceMeanField_ELBO,
     "jit": JitTrace_ELBO,
 }
-
-
-@dataclass
-class EpochRecord:
-    """What one epoch did. Losses are nats per image."""
-
-    epoch: int
-    #: optimizer steps taken so far, over all epochs.
-    step: int
-    #: mean training loss (negative, KL-weighted ELBO estimate) over the epoch's batches.
-    train_loss: float
-    #: ELBO of the held-out data with the weights at the end of the epoch (None: no test data).
-    test_elbo: float | None
-    #: wall-clock seconds of the epoch's training steps (held-out evaluation excluded).
-    seconds: float
-    #: KL weight (beta times warm-up) at the end of the epoch.
-    kl_weight: float
-    #: Concrete temperature at the end of the epoch (None: the latent has no temperature).
-    temperature: float | None = None
-    #: Adam's learning rate in the epoch (a run resumed at another rate changes it).
-    lr: float | None = None
-
-    def summary(self, epochs: int) -> str:
-        """One line for a log: epoch, losses and seconds."""
-        test = "" if self.test_elbo is None else f"  test ELBO {self.test_elbo:.2f}"
-        return engine.epoch_line(self, epochs, test)
-
-
-@dataclass
-class History:
-    """The per-epoch record of a run; :meth:`to_rows` gives CSV/JSON-ready dicts."""
-
-    epochs: list[EpochRecord] = field(default_factory=list)
-    #: the process that returned this history (0 but in data-parallel runs): only
-    #: process 0 should write files.
-    rank: int = field(default=0, compare=False)
-
-    def to_rows(self) -> list[dict]:
-        return [asdict(record) for record in self.epochs]
-
-    @classmethod
-    def from_rows(cls, rows: Iterable[dict]) -> History:
-        return cls([EpochRecord(**row) for row in rows])
-
-    def column(self, name: str) -> list:
-        """One field over all epochs, e.g. ``history.column("test_elbo")``."""
-        return [getattr(record, name) for record in self.epochs]
 
 
 def kl_weight_at(step: int, beta: float, warmup_steps: float) -> float:
@@ -126,41 +80,54 @@ def temperature_at(step: int, start: float, floor: float, shape: str, anneal_ste
     )
 
 
+@dataclass(frozen=True)
+class Temperature:
+    """The Concrete temperature schedule of a relaxed-categorical latent (ignored by
+    latents without one); it follows optimizer steps, so a resumed run continues it.
+
+    :param start: the temperature at the start of training.
+    :param floor: the temperature at the end of the annealing, and after it.
+    :param schedule: "exponential", "cosine" or "constant" (see :func:`temperature_at`).
+    :param anneal: epochs over which the temperature falls to the floor (default: all).
+    """
+
+    start: float = 1.0
+    floor: float = 0.5
+    schedule: str = "exponential"
+    anneal: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in TEMPERATURE_SCHEDULES:
+            raise UsageError(
+                f"unknown temperature schedule {self.schedule!r}; "
+                f"choose one of: {', '.join(TEMPERATURE_SCHEDULES)}"
+            )
+        if not 0 < self.floor <= self.start:
+            raise UsageError(
+                f"need 0 < temperature floor <= temperature, got {self.floor} and {self.start}"
+            )
+
+
 def fit(
     vae,
     train: torch.Tensor | Dataset,
     test: torch.Tensor | None = None,
     *,
-    epochs: int = 10,
     batch_size: int = 256,
-    lr: float = 1e-3,
     beta: float = 1.0,
     warmup: float = 0.0,
     elbo: str = "trace",
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    accelerator: str = "auto",
-    devices: int | str | list[int] = 1,
-    num_nodes: int = 1,
-    strategy: str = "auto",
-    precision: str = "32-true",
-    compile: bool | str = False,
+    temperature: Temperature | None = None,
     num_workers: int = 2,
-    checkpoint: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    loggers: Sequence[str] = (),
-    log_dir: str | Path | None = None,
-    temperature: float = 1.0,
-    temperature_floor: float = 0.5,
-    temperature_schedule: str = "exponential",
-    temperature_anneal: float | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    run: Run | None = None,
 ) -> History:
     """Train ``vae`` by SVI on ``train`` and return the per-epoch :class:`History`.
 
     Training runs in the package's one loop (:mod:`pyro_vae.engine`) on Lightning
-    Fabric, so the same call trains on a CPU, a GPU, or many GPUs on many nodes.
+    Fabric, as ``run`` (a :class:`~pyro_vae.run.Run`: epochs, learning rate, seed,
+    devices, precision, checkpoint, loggers, ``compile``...) says, so the same call
+    trains on a CPU, a GPU, or many GPUs on many nodes.
 
     :param train: ``(N, C, H, W)`` images (``(N, D)`` vectors for a VAE of vectors), held
         on the device and batched by shuffled index; uint8 images are binarized afresh
@@ -171,7 +138,6 @@ def fit(
         streamed through a ``DataLoader`` with ``num_workers`` workers instead.
     :param test: held-out images; their ELBO is recorded after each epoch. uint8 test
         images get one fixed, seeded binarization or dequantization.
-    :param epochs: total epochs, at least 1; a resumed run continues up to this number.
     :param batch_size: images per step in each process (a step of ``W`` processes sees
         ``W * batch_size`` images).
     :param beta: weight of the KL term (1 is the true ELBO), applied with
@@ -182,99 +148,61 @@ def fit(
         (:mod:`pyro_vae.fused`: the package's own VAE computed without Pyro's tracing, equal
         in value and gradient); "trace-pyro" and "meanfield-pyro" run Pyro's own classes;
         "jit" is ``JitTrace_ELBO``, which compiles the KL weight and the temperature as
-        constants, so it refuses a warm-up or an annealed temperature.
-    :param compile: run the fused ELBO through ``torch.compile`` (True, or a compile mode
-        such as "reduce-overhead" for CUDA graphs); needs elbo "trace" or "meanfield".
-    :param seed: seeds Pyro/torch, the shuffling and the noise of training (process
-        ``r`` of several draws with ``seed + r``), so a run is reproducible. The weights
-        were drawn when the VAE was built: for a run that is reproducible from scratch,
-        call ``pyro.set_rng_seed(seed)`` before ``VAE(...)``.
-    :param device: shorthand for ``accelerator`` (and a device index): "cpu", "cuda",
-        "cuda:1"; None or "auto" leaves the choice to ``accelerator``.
-    :param accelerator: "auto" (CUDA when a GPU is there), "cpu", "cuda", ...; with
-        ``devices``, ``num_nodes``, ``strategy`` and ``precision`` it goes straight to
-        :class:`lightning_fabric.Fabric`. ``devices=2, strategy="ddp"`` trains two
-        processes (see ``docs/training.md`` for torchrun, ``fabric run`` and SLURM);
-        ``precision="bf16-mixed"`` (or ``"16-mixed"`` on CUDA) runs the networks in half
-        precision while log-densities and the KL stay in float32.
-    :param checkpoint: file to write after every epoch, on Ctrl-C, and to resume from.
-    :param resume: continue from ``checkpoint`` if it exists (weights, optimizer,
-        progress, history, RNG states); its config must match ``vae.config``, and the
-        number of processes the run's. The run goes on at ``lr``, which may differ from
-        the rate it was started with.
-    :param loggers: "csv" and/or "tensorboard": Lightning Fabric loggers written under
-        ``log_dir`` (scalars every epoch; TensorBoard also gets reconstructions and
-        samples). TensorBoard needs the ``tensorboard`` package (``pip install
-        pyro_vae[tensorboard]``).
-    :param temperature: relaxed-categorical latents: the Concrete temperature at the
-        start of training (ignored by latents without one).
-    :param temperature_floor: the temperature at the end of the annealing, and after it.
-    :param temperature_schedule: "exponential", "cosine" or "constant" (see
-        :func:`temperature_at`); the temperature follows optimizer steps, so a resumed
-        run continues the schedule where it stopped.
-    :param temperature_anneal: epochs over which the temperature falls to the floor
-        (default: all ``epochs``).
-    :param on_epoch: called (in the first process) with each epoch's
-        :class:`EpochRecord` once its checkpoint is written, e.g. to log when
-        ``progress=False``, or, in a run of one process, to stop early by raising (with
-        several, the others would wait for it; under ``ddp_spawn`` it runs after training).
+        constants, so it refuses a warm-up or an annealed temperature. ``run.compile``
+        needs "trace" or "meanfield".
+    :param temperature: the Concrete temperature schedule (:class:`Temperature`) of a
+        relaxed-categorical latent.
+    :param on_epoch: called (in the first process) with each epoch's record once its
+        checkpoint is written, e.g. to log when ``run.progress`` is off, or, in a run of
+        one process, to stop early by raising (under ``ddp_spawn`` it runs after training).
+    :param run: the run's settings (default ``Run()``: 10 epochs at lr 1e-3, one process).
+        ``run.seed`` seeds the shuffling and the noise of training; the weights were drawn
+        when the VAE was built, so for a run reproducible from scratch call
+        ``pyro.set_rng_seed(seed)`` before ``VAE(...)``. With ``run.resume`` the run goes
+        on from ``run.checkpoint`` (its config must match ``vae.config``, its number of
+        processes the run's).
     :raises TrainingDivergedError: when the loss stops being finite; the bad step is
-        not applied, and ``checkpoint`` keeps the last good epoch.
+        not applied, and the checkpoint keeps the last good epoch.
     """
+    run = run or Run()
+    temperature = temperature or Temperature()
+    _check_options(vae, elbo, batch_size, beta, warmup, temperature, run)
+    vae.cpu().train()
+    batches = _batches(vae, train, batch_size, run.seed, num_workers)
+    held_out = None
+    if test is not None:
+        held_out = HeldOut.of(test, vae.config.image_shape, vae.likelihood)
+    if not run.resuming:
+        _check_gaussian_scale(vae, train)
+    objective = VAEObjective(
+        vae, held_out, elbo=elbo, num_data=batches.num_data, compile=run.compile,
+        beta=beta, warmup=warmup, temperature=temperature, epochs=run.epochs,
+    )  # fmt: skip
+    history = engine.train(objective, batches, run, on_epoch)
+    vae.eval()
+    return history
+
+
+def _check_options(vae, elbo, batch_size, beta, warmup, temperature: Temperature, run) -> None:
+    """Refuse, before any work, options that cannot train this VAE, naming the fix."""
     if elbo not in ELBOS:
         raise UsageError(f"unknown elbo {elbo!r}; choose one of: {', '.join(ELBOS)}")
-    if epochs < 1:
-        raise UsageError(f"epochs={epochs}: fit would train nothing; ask for at least 1 epoch")
-    if batch_size < 1 or lr <= 0 or warmup < 0:
-        raise UsageError("need batch_size >= 1, lr > 0, warmup >= 0")
-    if beta <= 0:
+    if batch_size < 1 or warmup < 0:
+        raise UsageError(f"need batch_size >= 1 and warmup >= 0, got {batch_size} and {warmup}")
+    if not beta > 0:
         raise UsageError(
             f"beta={beta}: the KL weight must be positive (Pyro scales the latent site by "
             "it, and a scale of 0 is not allowed); for almost no KL use a small beta, 1e-3"
         )
-    if temperature_schedule not in TEMPERATURE_SCHEDULES:
-        raise UsageError(
-            f"unknown temperature schedule {temperature_schedule!r}; "
-            f"choose one of: {', '.join(TEMPERATURE_SCHEDULES)}"
-        )
     if vae.is_frozen:
         raise UsageError("the VAE is frozen (inside vae.frozen()); fit it outside that block")
-    if not 0 < temperature_floor <= temperature:
-        raise UsageError(
-            f"need 0 < temperature floor <= temperature, got {temperature_floor} and {temperature}"
-        )
-    anneals = hasattr(vae.latent, "temperature") and temperature_schedule != "constant"
+    anneals = hasattr(vae.latent, "temperature") and temperature.schedule != "constant"
     if elbo == "jit" and (warmup > 0 or anneals):
         raise UsageError(
             "elbo='jit' compiles the KL weight and the Concrete temperature into its graph "
             "as constants, so a KL warm-up or an annealed temperature would stay at its "
             "first value; use elbo='trace' (or a constant schedule with no warm-up)"
         )
-    engine_devices = make_devices(device, accelerator, devices, num_nodes, strategy, precision)
-    vae.cpu().train()
-    dtype = next(vae.parameters()).dtype
-    batches = _batches(vae, train, batch_size, seed, num_workers, dtype)
-    test_x = None
-    if test is not None:
-        test_x = held_out_data(test, vae.config.image_shape, vae.likelihood, "test").to(dtype)
-    settings = Settings(epochs, lr, seed, checkpoint, resume, progress)
-    if not settings.resuming:
-        _check_gaussian_scale(vae, train)
-    objective = VAEObjective(
-        vae,
-        batches,
-        test_x,
-        elbo=elbo,
-        compile=compile,
-        beta=beta,
-        warmup=warmup,
-        temperature=(temperature, temperature_floor, temperature_schedule, temperature_anneal),
-    )
-    records, rank = engine.train(
-        objective, settings, engine_devices, make_loggers(loggers, log_dir), on_epoch
-    )
-    vae.eval()
-    return History(records, rank=rank)
 
 
 class ELBOLoss(nn.Module):
@@ -319,7 +247,7 @@ class ELBOLoss(nn.Module):
         if self.compile:
             return self._compiled_loss(x)
         model, guide = self._programs()
-        if self._direct and not _PYRO_STACK:
+        if self._direct and not am_i_wrapped():
             # what the fused ELBO's differentiable_loss computes for this VAE with no Pyro
             # handler active, minus the per-step recognition of the program (done once,
             # in __init__) and the KL-weight context: tens of microseconds a step
@@ -372,41 +300,36 @@ class VAEObjective(Objective):
     """How :func:`fit` trains a VAE in the engine: the ELBO, the KL warm-up and the
     Concrete temperature schedules, and the held-out ELBO as the epoch's metric."""
 
-    record_type = EpochRecord
-
     def __init__(
         self,
         vae,
-        batches,
-        test_x: torch.Tensor | None,
+        held_out: HeldOut | None,
         *,
         elbo: str,
+        num_data: int,
         compile: bool | str = False,
         beta: float,
         warmup: float,
-        temperature: tuple[float, float, str, float | None],
+        temperature: Temperature,
+        epochs: int,
     ):
         self.model = vae
-        self.batches = batches
-        self.module = ELBOLoss(vae, elbo, batches.num_data, compile)
-        self.test_x = test_x
+        self.epochs = epochs
+        self.module = ELBOLoss(vae, elbo, num_data, compile)
+        self.held_out = held_out
         self.beta, self.warmup = beta, warmup
         self.temperature = temperature
         # only latents with a relaxation have a temperature
         self.has_temperature = hasattr(vae.latent, "temperature")
 
-    def setup(self, device: torch.device, rank: int, world: int, epochs: int) -> None:
-        self.warmup_steps = self.warmup * len(self.batches)
-        start, floor, shape, anneal = self.temperature
-        anneal_steps = (epochs if anneal is None else anneal) * len(self.batches)
-        self.schedule = (start, floor, shape, anneal_steps)
+    def prepare(self, rank: int, world: int, device, dtype, steps: int) -> None:
+        self.warmup_steps = self.warmup * steps
+        t = self.temperature
+        anneal_steps = (self.epochs if t.anneal is None else t.anneal) * steps
+        self.schedule = (t.start, t.floor, t.schedule, anneal_steps)
         # each process scores its own slice of the held-out images
-        self.local_test = None if self.test_x is None else self.test_x[rank::world].to(device)
-
-    def use_dtype(self, dtype: torch.dtype) -> None:
-        super().use_dtype(dtype)
-        if self.local_test is not None:
-            self.local_test = self.local_test.to(dtype)
+        held_out = self.held_out
+        self.local_test = None if held_out is None else held_out.shard(rank, world, device, dtype)
 
     def kl_weight(self, step: int) -> float:
         return kl_weight_at(step, self.beta, self.warmup_steps)
@@ -421,22 +344,21 @@ class VAEObjective(Objective):
             # so the last step of the annealing is at the floor
             self.model.latent.temperature = self.temperature_after(step + 1)
 
-    def record(self, reduce, progress: dict) -> EpochRecord:
+    def metrics(self, reduce, step: int) -> dict:
         test_elbo = None
         if self.local_test is not None:
-            values = evaluate.elbo(self.model, self.local_test) if len(self.local_test) else None
-            local = self.local_test.new_zeros(2, dtype=torch.float64)
+            x = self.local_test.data
+            values = evaluate.elbo(self.model, x) if len(x) else None
+            local = x.new_zeros(2, dtype=torch.float64)
             if values is not None:
                 local = torch.stack([values.double().sum(), local.new_tensor(len(values))])
             total = reduce(local)
             test_elbo = (total[0] / total[1]).item()
-        step = progress["step"]
-        return EpochRecord(
-            **progress,
-            test_elbo=test_elbo,
-            kl_weight=self.kl_weight(step - 1),
-            temperature=self.temperature_after(step) if self.has_temperature else None,
-        )
+        return {
+            "test_elbo": test_elbo,
+            "kl_weight": self.kl_weight(step - 1),
+            "temperature": self.temperature_after(step) if self.has_temperature else None,
+        }
 
     @torch.no_grad()
     def images(self) -> dict[str, torch.Tensor]:
@@ -445,7 +367,7 @@ class VAEObjective(Objective):
             return {}
         shown = {"samples": vae.sample(16)}
         if self.local_test is not None and len(self.local_test):
-            x = self.local_test[:8]
+            x = self.local_test.data[:8]
             shown["reconstructions"] = torch.cat([x, vae.reconstruct(x)])
         return shown
 
@@ -456,19 +378,19 @@ def _first(item):
     return item[0] if isinstance(item, (tuple, list)) else item
 
 
-def _batches(vae, train, batch_size: int, seed: int, num_workers: int, dtype: torch.dtype):
+def _batches(vae, train, batch_size: int, seed: int, num_workers: int):
     """The batch source of ``train``: shuffled, shardable, preprocessed for the likelihood
-    and cast to the model's dtype (see :mod:`pyro_vae.data`)."""
+    (see :mod:`pyro_vae.data`); the engine prepares it for each process."""
     how, check = vae.likelihood.preprocessing, vae.likelihood.check_data
     if isinstance(train, torch.Tensor):
         check_tensor(vae.config.image_shape, train, "training")
-        return TensorBatches(train, batch_size, "cpu", seed, how, dtype, check)
+        return TensorBatches(train, batch_size, seed, how, None, check)
     if not isinstance(train, Dataset):
         raise DataError(f"training data must be a tensor or a Dataset, got {type(train).__name__}")
     if len(train) == 0:
         raise DataError("the training set is empty")
     check_shape(vae.config.image_shape, _first(train[0]).shape, "training")
-    return LoaderBatches(train, batch_size, "cpu", seed, num_workers, how, dtype, check)
+    return LoaderBatches(train, batch_size, seed, num_workers, how, None, check)
 
 
 def _check_gaussian_scale(vae, train) -> None:

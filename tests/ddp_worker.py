@@ -10,12 +10,16 @@ processes with each other and with a single-process reference.
 - ``diverge``: process 1's loss becomes NaN at step 3; writes the error each process got.
 - ``bad-data``: a streamed floating-point Dataset whose images in process 1's third batch
   hold a NaN; writes the error each process got.
+- ``lost``: process 1 is killed (SIGKILL) in its second epoch; process 0 writes the error
+  it got.
 - ``gradient``: one backward pass of the ELBO module under DDP on each process's half of
   a batch, each with its own seed; writes the averaged gradients.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -23,17 +27,17 @@ import pyro
 import torch
 from torch.utils.data import Dataset
 
-from pyro_vae import VAE, fit
+from pyro_vae import VAE, Run, fit
 from pyro_vae.data import epoch_permutation, fixed_preprocess, load_mnist
-from pyro_vae.engine import Devices, fabric_for
-from pyro_vae.errors import DataError, TrainingDivergedError
+from pyro_vae.devices import make_fabric
+from pyro_vae.errors import DataError, ProcessLostError, TrainingDivergedError
 from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae
 from pyro_vae.train import ELBOLoss
 
 #: what both test and worker build: a small VAE from a fixed seed
 VAE_OPTIONS = {"latent_dim": 4, "hidden": 32}
 GRADIENT_SEED, NUM_DATA, HALF = 100, 1000, 16
-DDP = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "progress": False}
+DDP = Run(accelerator="cpu", devices=2, strategy="ddp", progress=False)
 
 
 class StreamedImages(Dataset):
@@ -64,11 +68,20 @@ def main(mode: str, out: Path, mnist: Path) -> None:
         train = load_mnist(mnist, "train").images[:1000]
         vae = small_vae()
         checkpoint = out / "checkpoint.pt"
-        fit(vae, train, train[:200], epochs=2, batch_size=100, checkpoint=checkpoint, **DDP)
+        fit(
+            vae,
+            train,
+            train[:200],
+            batch_size=100,
+            run=DDP.replace(epochs=2, checkpoint=checkpoint),
+        )
         history = fit(
-            vae, train, train[:200], epochs=3, batch_size=100, checkpoint=checkpoint,
-            resume=True, **DDP,
-        )  # fmt: skip
+            vae,
+            train,
+            train[:200],
+            batch_size=100,
+            run=DDP.replace(epochs=3, checkpoint=checkpoint, resume=True),
+        )
         result = {"weights": vae.state_dict(), "history": history.to_rows(), "rank": history.rank}
     elif mode == "ssvae":
         pool = load_mnist(mnist, "train").head(1000)
@@ -77,10 +90,16 @@ def main(mode: str, out: Path, mnist: Path) -> None:
         ssvae = SSVAE(latent_dim=4, hidden=32)
         test = load_mnist(mnist, "test").head(200)
         history = fit_ssvae(
-            ssvae, pool.images[labelled], pool.labels[labelled], pool.images,
-            (test.images, test.labels), epochs=2, batch_size=100, aux_weight=5.0, **DDP,
-        )  # fmt: skip
-        result = {"weights": ssvae.state_dict(), "accuracy": history[-1].test_accuracy}
+            ssvae,
+            pool.images[labelled],
+            pool.labels[labelled],
+            pool.images,
+            (test.images, test.labels),
+            batch_size=100,
+            aux_weight=5.0,
+            run=DDP.replace(epochs=2),
+        )
+        result = {"weights": ssvae.state_dict(), "accuracy": history.epochs[-1].test_accuracy}
     elif mode == "diverge":
         # process 1's third step gets a NaN code: every process must stop at that step
         train = load_mnist(mnist, "train").images[:1000]
@@ -95,7 +114,12 @@ def main(mode: str, out: Path, mnist: Path) -> None:
 
         vae.decoder.register_forward_pre_hook(poison)
         try:
-            fit(vae, train, epochs=1, batch_size=50, checkpoint=out / "checkpoint.pt", **DDP)
+            fit(
+                vae,
+                train,
+                batch_size=50,
+                run=DDP.replace(epochs=1, checkpoint=out / "checkpoint.pt"),
+            )
             result = {"error": None}
         except TrainingDivergedError as error:
             result = {"error": str(error), "step": error.step}
@@ -105,13 +129,38 @@ def main(mode: str, out: Path, mnist: Path) -> None:
         shard = epoch_permutation(len(images), 0, 0)[1::2]
         images[shard[100:150]] = float("nan")
         try:
-            fit(small_vae(), StreamedImages(images), epochs=1, batch_size=50, num_workers=0,
-                checkpoint=out / "checkpoint.pt", **DDP)  # fmt: skip
+            fit(
+                small_vae(),
+                StreamedImages(images),
+                batch_size=50,
+                num_workers=0,
+                run=DDP.replace(epochs=1, checkpoint=out / "checkpoint.pt"),
+            )
             result = {"error": None}
         except DataError as error:
             result = {"error": str(error)}
+    elif mode == "lost":
+        # process 1 is killed (as by kill -9) at its third step: process 0 must stop with
+        # one line that says so and names the checkpoint to resume from
+        train = load_mnist(mnist, "train").images[:1000]
+        vae = small_vae()
+        calls = {"n": 0}
+
+        def die(module, inputs):
+            calls["n"] += 1
+            if torch.distributed.get_rank() == 1 and calls["n"] == 7:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        vae.decoder.register_forward_pre_hook(die)
+        try:
+            fit(vae, train, batch_size=100, run=DDP.replace(epochs=2, checkpoint=out / "c.pt"))
+            result = {"error": None}
+        except ProcessLostError as error:
+            result = {"error": str(error)}
+        torch.save(result, out / "rank0.pt")  # process 1 is gone; the group is broken
+        return
     else:
-        fabric = fabric_for(Devices(accelerator="cpu", devices=2, strategy="ddp"))
+        fabric = make_fabric(DDP)
         fabric.launch()
         vae = small_vae()
         module = fabric.setup_module(ELBOLoss(vae, "trace", NUM_DATA))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO
 
-from pyro_vae import VAE, CheckpointError, UsageError, fit, load_checkpoint
+from pyro_vae import VAE, CheckpointError, Run, Temperature, UsageError, fit, load_checkpoint
 from pyro_vae.data import TensorBatches
 from tests import ddp_worker
 from tests.helpers import REPO, run_script
@@ -22,15 +22,28 @@ from tests.helpers import REPO, run_script
 
 def launch_two(mode: str, out: Path, mnist: Path) -> list[dict]:
     """Run tests/ddp_worker.py in two processes as torchrun does; return what each wrote."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(29500 + os.getpid() % 1000), str(REPO / "tests" / "ddp_worker.py"),
-        mode, str(out), str(mnist),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = torchrun(mode, out, mnist)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def torchrun(mode: str, out: Path, mnist: Path) -> subprocess.CompletedProcess:
+    """tests/ddp_worker.py in two processes started by torchrun."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        str(REPO / "tests" / "ddp_worker.py"),
+        mode,
+        str(out),
+        str(mnist),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_two_processes_train_identical_weights_and_resume_from_one_checkpoint(mnist_dir, tmp_path):
@@ -38,8 +51,10 @@ def test_two_processes_train_identical_weights_and_resume_from_one_checkpoint(mn
     assert (first["rank"], second["rank"]) == (0, 1)
     for name, weight in first["weights"].items():
         assert torch.equal(weight, second["weights"][name]), name
-    assert not torch.equal(first["weights"]["encoder.net.1.weight"],
-                           ddp_worker.small_vae().state_dict()["encoder.net.1.weight"])  # fmt: skip
+    assert not torch.equal(
+        first["weights"]["encoder.net.1.weight"],
+        ddp_worker.small_vae().state_dict()["encoder.net.1.weight"],
+    )
     history = first["history"]
     # 1000 images in 2 shards of 500, batches of 100: 5 steps an epoch; resumed to 3 epochs
     assert [row["step"] for row in history] == [5, 10, 15]
@@ -97,6 +112,18 @@ def test_bad_streamed_data_in_one_process_stops_both_with_a_data_error(mnist_dir
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+def test_a_killed_process_stops_the_other_with_one_line_naming_the_checkpoint(mnist_dir, tmp_path):
+    """kill -9 of one process: the other gets gloo's "Connection reset by peer" in its
+    next collective and must say, in one line, that a process was lost and where the
+    last checkpoint is, instead of gloo's traceback."""
+    torchrun("lost", tmp_path, mnist_dir)  # torchrun itself fails: a process was killed
+    error = torch.load(tmp_path / "rank0.pt", weights_only=False)["error"]
+    assert error is not None and "\n" not in error
+    assert "lost contact with another process" in error
+    assert f"the last checkpoint is {tmp_path / 'c.pt'}" in error and "--resume" in error
+    assert load_checkpoint(tmp_path / "c.pt")["progress"]["epoch"] == 1
+
+
 def test_two_processes_train_the_semi_supervised_model(mnist_dir, tmp_path):
     first, second = launch_two("ssvae", tmp_path, mnist_dir)
     for name, weight in first["weights"].items():
@@ -108,11 +135,30 @@ def test_the_fit_script_runs_two_processes(mnist_dir, tmp_path):
     """The README's multi-process command: Lightning starts the second process itself."""
     out = tmp_path / "run"
     command = [
-        sys.executable, str(REPO / "scripts" / "fit.py"), "--devices", "2", "--accelerator",
-        "cpu", "--strategy", "ddp", "--epochs", "1", "--limit", "4000", "--test-limit", "500",
-        "--latent-dim", "4", "--hidden", "32", "--data-dir", str(mnist_dir), "--out", str(out),
+        sys.executable,
+        str(REPO / "scripts" / "fit.py"),
+        "--devices",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--strategy",
+        "ddp",
+        "--epochs",
+        "1",
+        "--limit",
+        "4000",
+        "--test-limit",
+        "500",
+        "--latent-dim",
+        "4",
+        "--hidden",
+        "32",
+        "--data-dir",
+        str(mnist_dir),
+        "--out",
+        str(out),
         "--no-progress",
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -128,8 +174,9 @@ def test_shards_are_disjoint_cover_the_data_and_take_equal_steps():
     images = torch.arange(10).reshape(10, 1, 1, 1).to(torch.uint8)
     seen = []
     for rank in range(3):
-        batches = TensorBatches(images, 2, seed=1)
-        batches.shard(rank, 3)
+        source = TensorBatches(images, 2, seed=1)
+        batches = source.prepare(rank, 3, "cpu")
+        assert len(source) == 5  # preparing a shard leaves the source as it was
         assert len(batches) == 2  # ceil(ceil(10 / 3) / 2) for every process
         seen.append(torch.cat(list(batches.epoch(0))).flatten().tolist())
     flat = [i for shard in seen for i in shard]
@@ -144,9 +191,13 @@ def test_bf16_mixed_precision_stays_finite_and_close_to_float32(mnist_train, mni
     for precision in ("32-true", "bf16-mixed"):
         pyro.set_rng_seed(0)
         vae = VAE(latent_dim=8, hidden=64)
-        history = fit(vae, mnist_train.images[:3000], mnist_test.images[:500], epochs=2,
-                      batch_size=100, precision=precision, device="cpu",
-                      progress=False)  # fmt: skip
+        history = fit(
+            vae,
+            mnist_train.images[:3000],
+            mnist_test.images[:500],
+            batch_size=100,
+            run=Run(epochs=2, precision=precision, accelerator="cpu", progress=False),
+        )
         results[precision] = history.epochs[-1]
         assert all(torch.isfinite(p).all() for p in vae.parameters())
     full, half = results["32-true"], results["bf16-mixed"]
@@ -159,9 +210,21 @@ def test_tensorboard_receives_every_scalar_and_the_images(mnist_train, tmp_path)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     vae = VAE(latent="relaxed-categorical", groups=4, classes=4, hidden=32)
-    fit(vae, mnist_train.images[:600], mnist_train.images[:100], epochs=2, batch_size=100,
-        warmup=1, elbo="meanfield", loggers=["csv", "tensorboard"], log_dir=tmp_path,
-        device="cpu", progress=False)  # fmt: skip
+    fit(
+        vae,
+        mnist_train.images[:600],
+        mnist_train.images[:100],
+        batch_size=100,
+        warmup=1,
+        elbo="meanfield",
+        run=Run(
+            epochs=2,
+            loggers=["csv", "tensorboard"],
+            log_dir=tmp_path,
+            accelerator="cpu",
+            progress=False,
+        ),
+    )
     events = list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     assert len(events) == 1
     accumulator = EventAccumulator(str(events[0]), size_guidance={"images": 0})
@@ -178,11 +241,11 @@ def test_an_unknown_logger_or_missing_log_dir_is_named():
     vae = VAE(latent_dim=4, hidden=16)
     x = torch.zeros(8, 1, 28, 28)
     with pytest.raises(UsageError, match="log_dir"):
-        fit(vae, x, epochs=1, loggers=["csv"], progress=False)
+        fit(vae, x, run=Run(epochs=1, loggers=["csv"], progress=False))
     with pytest.raises(UsageError, match="unknown logger"):
-        fit(vae, x, epochs=1, loggers=["wandb"], log_dir="x", progress=False)
+        fit(vae, x, run=Run(epochs=1, loggers=["wandb"], log_dir="x", progress=False))
     with pytest.raises(UsageError, match="precision"):
-        fit(vae, x, epochs=1, precision="8-bit", progress=False)
+        fit(vae, x, run=Run(epochs=1, precision="8-bit", progress=False))
 
 
 def test_jit_bakes_temperature_and_kl_weight_so_fit_refuses_their_schedules():
@@ -214,35 +277,59 @@ def test_jit_bakes_temperature_and_kl_weight_so_fit_refuses_their_schedules():
         eager = Trace_ELBO().differentiable_loss(model, guide, x).item()
     assert eager != weighted[2]
     with pytest.raises(UsageError, match="warm-up"):
-        fit(vae, x, epochs=1, elbo="jit", warmup=1, progress=False)
+        fit(vae, x, elbo="jit", warmup=1, run=Run(epochs=1, progress=False))
     relaxed.latent.temperature = 1.0
     with pytest.raises(UsageError, match="temperature"):
-        fit(relaxed, x, epochs=1, elbo="jit", progress=False)
-    history = fit(relaxed, x, epochs=1, elbo="jit", temperature_schedule="constant",
-                  progress=False)  # fmt: skip
+        fit(relaxed, x, elbo="jit", run=Run(epochs=1, progress=False))
+    history = fit(
+        relaxed,
+        x,
+        elbo="jit",
+        temperature=Temperature(schedule="constant"),
+        run=Run(epochs=1, progress=False),
+    )
     assert len(history.epochs) == 1
 
 
 def test_a_resume_with_another_number_of_processes_is_refused(mnist_train, tmp_path):
     vae = VAE(latent_dim=4, hidden=16)
     checkpoint = tmp_path / "c.pt"
-    fit(vae, mnist_train.images[:200], epochs=1, checkpoint=checkpoint, progress=False)
+    fit(vae, mnist_train.images[:200], run=Run(epochs=1, checkpoint=checkpoint, progress=False))
     state = torch.load(checkpoint, weights_only=True)
     state["world_size"] = 2
     torch.save(state, checkpoint)
     with pytest.raises(CheckpointError, match="2 process"):
-        fit(vae, mnist_train.images[:200], epochs=2, checkpoint=checkpoint, resume=True,
-            progress=False)  # fmt: skip
+        fit(
+            vae,
+            mnist_train.images[:200],
+            run=Run(epochs=2, checkpoint=checkpoint, resume=True, progress=False),
+        )
 
 
 def test_fit_ssvae_script_resumes(mnist_dir, tmp_path):
     out = tmp_path / "m2"
-    common = ["--data-dir", mnist_dir, "--limit", 600, "--test-limit", 100, "--latent-dim", 4,
-              "--hidden", 32, "--labels-per-class", 2, "--out", out, "--no-progress"]  # fmt: skip
+    common = [
+        "--data-dir",
+        mnist_dir,
+        "--limit",
+        600,
+        "--test-limit",
+        100,
+        "--latent-dim",
+        4,
+        "--hidden",
+        32,
+        "--labels-per-class",
+        2,
+        "--out",
+        out,
+        "--no-progress",
+    ]
     assert run_script("fit_ssvae.py", *common, "--epochs", 1) == 0
     assert run_script("fit_ssvae.py", *common, "--epochs", 2, "--resume") == 0
     rows = (out / "history.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("epoch,train_loss,test_accuracy")
+    assert len(rows) == 3 and rows[0].split(",")[:3] == ["epoch", "step", "train_loss"]
+    assert "test_accuracy" in rows[0].split(",")
 
 
 def test_ssvae_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(mnist_train, tmp_path):
@@ -251,11 +338,12 @@ def test_ssvae_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(mnist_train,
     pool = mnist_train.head(300)
     labelled = balanced_labels(pool.labels, 2)
     data = (pool.images[labelled], pool.labels[labelled], pool.images)
-    options = {"epochs": 2, "batch_size": 50, "aux_weight": 1.0, "device": "cpu"}
+    options = {"batch_size": 50, "aux_weight": 1.0}
+    run = Run(epochs=2, accelerator="cpu", progress=False)
 
     pyro.set_rng_seed(0)
     reference = SSVAE(latent_dim=4, hidden=32)
-    fit_ssvae(reference, *data, **options)
+    fit_ssvae(reference, *data, **options, run=run)
 
     pyro.set_rng_seed(0)
     ssvae = SSVAE(latent_dim=4, hidden=32)
@@ -269,15 +357,15 @@ def test_ssvae_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(mnist_train,
     hook = ssvae.classifier.register_forward_pre_hook(press_ctrl_c)
     path = tmp_path / "m2.pt"
     with pytest.raises(KeyboardInterrupt):
-        fit_ssvae(ssvae, *data, checkpoint=path, **options)
+        fit_ssvae(ssvae, *data, **options, run=run.replace(checkpoint=path))
     hook.remove()
     progress = load_checkpoint(path)["progress"]
     assert (progress["epoch"], progress["batch"], progress["step"]) == (1, 3, 9)
 
     pyro.set_rng_seed(1)  # the checkpoint's RNG state, not this, must decide what follows
     resumed = SSVAE(latent_dim=4, hidden=32)
-    history = fit_ssvae(resumed, *data, checkpoint=path, resume=True, **options)
-    assert [record.epoch for record in history] == [1, 2]
+    history = fit_ssvae(resumed, *data, **options, run=run.replace(checkpoint=path, resume=True))
+    assert [record.epoch for record in history.epochs] == [1, 2]
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-6)
 
@@ -287,10 +375,27 @@ def test_fit_script_writes_tensorboard_events_in_the_run_folder(mnist_dir, tmp_p
 
     out = tmp_path / "run"
     code = run_script(
-        "fit.py", "--data-dir", mnist_dir, "--out", out, "--epochs", 1, "--limit", 500,
-        "--test-limit", 100, "--latent-dim", 4, "--hidden", 32, "--logger", "tensorboard",
-        "--no-progress", "--device", "cpu",
-    )  # fmt: skip
+        "fit.py",
+        "--data-dir",
+        mnist_dir,
+        "--out",
+        out,
+        "--epochs",
+        1,
+        "--limit",
+        500,
+        "--test-limit",
+        100,
+        "--latent-dim",
+        4,
+        "--hidden",
+        32,
+        "--logger",
+        "tensorboard",
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
     assert code == 0
     (events,) = (out / "logs" / "tensorboard").rglob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events))
@@ -310,8 +415,16 @@ def test_fit_trains_identically_with_the_fused_and_pyros_elbo():
     for elbo in ("trace", "trace-pyro", "meanfield", "meanfield-pyro"):
         pyro.set_rng_seed(0)
         vae = VAE(latent_dim=4, hidden=16)
-        history = fit(vae, images, images[:100], epochs=2, batch_size=50, elbo=elbo,
-                      beta=0.5, warmup=1, device="cpu", progress=False)  # fmt: skip
+        history = fit(
+            vae,
+            images,
+            images[:100],
+            batch_size=50,
+            elbo=elbo,
+            beta=0.5,
+            warmup=1,
+            run=Run(epochs=2, accelerator="cpu", progress=False),
+        )
         runs[elbo] = history.column("test_elbo"), vae.state_dict()
     for fused, plain in (("trace", "trace-pyro"), ("meanfield", "meanfield-pyro")):
         assert runs[fused][0] == pytest.approx(runs[plain][0], rel=1e-5)
@@ -322,12 +435,14 @@ def test_fit_trains_identically_with_the_fused_and_pyros_elbo():
 def test_the_device_tally_skips_every_step_from_the_first_bad_one_and_names_it():
     """What accelerators and several processes use: no read of the loss per step; the
     first non-finite step and every later one are skipped by fused Adam on the device."""
-    from pyro_vae.engine import _DeviceTally
+    from pyro_vae.divergence import SyncPolicy, Tally
     from pyro_vae.errors import TrainingDivergedError
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.Adam([weight], lr=0.1, fused=True)
-    tally = _DeviceTally(torch.device("cpu"), 0.0, 0)
+    policy = SyncPolicy.choose(world=2, device=torch.device("cpu"), scaler=False, fused=True)
+    assert policy.skip_on_device and policy.every > 1 and not policy.host
+    tally = Tally(policy, torch.device("cpu"), 0.0, 0)
     losses = [10.0, 20.0, float("nan"), 30.0]
     for step, value in enumerate(losses, start=1):
         tally.add(torch.tensor(value), 5, 10, step)
@@ -338,20 +453,42 @@ def test_the_device_tally_skips_every_step_from_the_first_bad_one_and_names_it()
         assert torch.equal(weight, before) == (step >= 3), step
     assert tally.totals(torch.device("cpu")).tolist() == [15.0, 20.0]  # (10 + 20) / 2, 4 x 5
     with pytest.raises(TrainingDivergedError, match="step 3"):
-        tally.check(False)
+        tally.check(False, None)
 
 
 def test_float64_training_with_held_out_data_and_the_script(mnist_train, mnist_dir, tmp_path):
     vae = VAE(latent_dim=4, hidden=16)
-    history = fit(vae, mnist_train.images[:200], mnist_train.images[:50], epochs=1,
-                  batch_size=50, precision="64-true", device="cpu", progress=False)  # fmt: skip
+    history = fit(
+        vae,
+        mnist_train.images[:200],
+        mnist_train.images[:50],
+        batch_size=50,
+        run=Run(epochs=1, precision="64-true", accelerator="cpu", progress=False),
+    )
     assert next(vae.parameters()).dtype == torch.float64
     assert history.epochs[0].test_elbo < 0
     code = run_script(
-        "fit.py", "--data-dir", mnist_dir, "--out", tmp_path / "run", "--epochs", 1,
-        "--limit", 300, "--test-limit", 50, "--latent-dim", 4, "--hidden", 16,
-        "--precision", "64-true", "--no-progress", "--device", "cpu",
-    )  # fmt: skip
+        "fit.py",
+        "--data-dir",
+        mnist_dir,
+        "--out",
+        tmp_path / "run",
+        "--epochs",
+        1,
+        "--limit",
+        300,
+        "--test-limit",
+        50,
+        "--latent-dim",
+        4,
+        "--hidden",
+        16,
+        "--precision",
+        "64-true",
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
     assert code == 0 and (tmp_path / "run" / "reconstructions.png").is_file()
 
 
@@ -359,20 +496,22 @@ def test_a_zero_kl_weight_and_a_device_with_many_devices_are_named():
     vae = VAE(latent_dim=4, hidden=16)
     x = torch.zeros(8, 1, 28, 28)
     with pytest.raises(UsageError, match="beta=0"):
-        fit(vae, x, epochs=1, beta=0, progress=False)
+        fit(vae, x, beta=0, run=Run(epochs=1, progress=False))
     with pytest.raises(UsageError, match="names one device"):
-        fit(vae, x, epochs=1, device="cpu:0", devices=2, progress=False)
+        fit(vae, x, run=Run(epochs=1, accelerator="cpu:0", devices=2, progress=False))
 
 
 def test_the_host_tally_names_the_first_bad_step_even_when_read_late():
-    from pyro_vae.engine import _HostTally
+    from pyro_vae.divergence import SyncPolicy, Tally
     from pyro_vae.errors import TrainingDivergedError
 
-    tally = _HostTally(0.0, 0)
+    policy = SyncPolicy.choose(world=1, device=torch.device("cpu"), scaler=False, fused=True)
+    assert policy.host and policy.every == 1
+    tally = Tally(policy, torch.device("cpu"), 0.0, 0)
     for step, value in enumerate([1.0, float("nan"), float("inf")], start=1):
         tally.add(torch.tensor(value), 4, 8, step)
     with pytest.raises(TrainingDivergedError, match="nan at step 2"):
-        tally.check(False)
+        tally.check(False, None)
 
 
 def test_cpu_training_does_not_ask_for_cuda_on_every_step(monkeypatch):
@@ -394,8 +533,12 @@ def test_cpu_training_does_not_ask_for_cuda_on_every_step(monkeypatch):
     counts = []
     for epochs in (1, 3):
         asked.clear()
-        fit(VAE(latent_dim=2, hidden=8), images, epochs=epochs, batch_size=16,
-            device="cpu", progress=False)  # fmt: skip
+        fit(
+            VAE(latent_dim=2, hidden=8),
+            images,
+            batch_size=16,
+            run=Run(epochs=epochs, accelerator="cpu", progress=False),
+        )
         counts.append(len(asked))
     assert counts[0] == counts[1], f"questions for 4 and 12 steps: {counts}"
 
@@ -403,9 +546,12 @@ def test_cpu_training_does_not_ask_for_cuda_on_every_step(monkeypatch):
 def test_fabrics_wrappers_are_skipped_only_where_they_pass_calls_on():
     from lightning_fabric import Fabric
 
-    from pyro_vae.engine import _passthrough
+    from pyro_vae.devices import passthrough
 
-    assert _passthrough(Fabric(accelerator="cpu", devices=1))
-    for options in ({"precision": "bf16-mixed"}, {"precision": "64-true"},
-                    {"devices": 2, "strategy": "ddp"}):  # fmt: skip
-        assert not _passthrough(Fabric(accelerator="cpu", **{"devices": 1, **options}))
+    assert passthrough(Fabric(accelerator="cpu", devices=1))
+    for options in (
+        {"precision": "bf16-mixed"},
+        {"precision": "64-true"},
+        {"devices": 2, "strategy": "ddp"},
+    ):
+        assert not passthrough(Fabric(accelerator="cpu", **{"devices": 1, **options}))

@@ -13,7 +13,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
-from pyro_vae import VAE, CheckpointError, DataError, save_checkpoint
+from pyro_vae import VAE, CheckpointError, DataError, Run, save_checkpoint
 from pyro_vae.ssvae import SSVAE, active_code_dims, balanced_labels, fit_ssvae, load_ssvae
 from tests.helpers import run_script
 
@@ -196,11 +196,8 @@ def fit_dark_and_bright(ssvae: SSVAE, epochs: int, checkpoint: Path) -> list:
         labels[chosen],
         images,
         (images, labels),
-        epochs=epochs,
         batch_size=20,
-        lr=1e-2,
-        device="cpu",
-        checkpoint=checkpoint,
+        run=Run(epochs=epochs, lr=1e-2, accelerator="cpu", checkpoint=checkpoint),
     )
 
 
@@ -209,8 +206,8 @@ def test_fit_and_checkpoint_round_trip(tmp_path: Path):
     ssvae = tiny(num_classes=2)
     # the classifier tells the dark images from the bright ones after training
     history = fit_dark_and_bright(ssvae, epochs=10, checkpoint=tmp_path / "ssvae.pt")
-    assert [record.epoch for record in history] == list(range(1, 11))
-    assert history[-1].test_accuracy > 0.95
+    assert [record.epoch for record in history.epochs] == list(range(1, 11))
+    assert history.epochs[-1].test_accuracy > 0.95
     loaded = load_ssvae(tmp_path / "ssvae.pt")
     x = (torch.rand(8, 1, 4, 4) < 0.5).float()
     assert torch.equal(loaded.classifier(x), ssvae.classifier(x))
@@ -220,9 +217,11 @@ def test_fit_and_checkpoint_round_trip(tmp_path: Path):
     images, labels, chosen = dark_and_bright()
     with pytest.raises(DataError, match="binary pixels"):
         grey = images.float() / 255
-        fit_ssvae(ssvae, grey[chosen], labels[chosen], grey, epochs=1, device="cpu")
+        fit_ssvae(ssvae, grey[chosen], labels[chosen], grey, run=Run(epochs=1, accelerator="cpu"))
     with pytest.raises(DataError, match="labels must lie"):
-        fit_ssvae(ssvae, images[:2], torch.tensor([0, 5]), images, epochs=1, device="cpu")
+        fit_ssvae(
+            ssvae, images[:2], torch.tensor([0, 5]), images, run=Run(epochs=1, accelerator="cpu")
+        )
 
 
 def test_stacked_fit_trains_m2_alone_and_round_trips(tmp_path: Path, recwarn):
@@ -291,26 +290,60 @@ def test_resuming_with_other_classes_base_or_code_dims_is_refused(tmp_path):
     images = torch.rand(12, 1, 4, 4).round()
     labels = torch.arange(12) % 3
     path = tmp_path / "m2.pt"
-    options = {"epochs": 1, "batch_size": 6, "device": "cpu", "progress": False}
-    fit_ssvae(tiny_stacked(code_dims=[0, 2]), images[:6], labels[:6], images,
-              checkpoint=path, **options)  # fmt: skip
+    options = {"batch_size": 6}
+    run = Run(epochs=1, accelerator="cpu", progress=False)
+    fit_ssvae(
+        tiny_stacked(code_dims=[0, 2]),
+        images[:6],
+        labels[:6],
+        images,
+        **options,
+        run=run.replace(checkpoint=path),
+    )
     for other, named in (
         (tiny_stacked(num_classes=4, code_dims=[0, 2]), "num_classes"),
         (tiny_stacked(code_dims=[0, 1]), "code_dims"),
     ):
         with pytest.raises(CheckpointError, match=named):
-            fit_ssvae(other, images[:6], labels[:6] % other.num_classes, images,
-                      checkpoint=path, resume=True, **options)  # fmt: skip
+            fit_ssvae(
+                other,
+                images[:6],
+                labels[:6] % other.num_classes,
+                images,
+                **options,
+                run=run.replace(checkpoint=path, resume=True),
+            )
     wider = VAE(image_shape=(1, 4, 4), latent_dim=3, hidden=16)
-    other = SSVAE(image_shape=(1, 4, 4), latent_dim=2, hidden=8, likelihood="gaussian",
-                  gaussian_sigma="pixel", sigma_init=0.5, num_classes=3, base=wider,
-                  code_dims=[0, 2])  # fmt: skip
+    other = SSVAE(
+        image_shape=(1, 4, 4),
+        latent_dim=2,
+        hidden=8,
+        likelihood="gaussian",
+        gaussian_sigma="pixel",
+        sigma_init=0.5,
+        num_classes=3,
+        base=wider,
+        code_dims=[0, 2],
+    )
     with pytest.raises(CheckpointError, match="base_config"):
-        fit_ssvae(other, images[:6], labels[:6], images, checkpoint=path, resume=True, **options)
+        fit_ssvae(
+            other,
+            images[:6],
+            labels[:6],
+            images,
+            **options,
+            run=run.replace(checkpoint=path, resume=True),
+        )
     # a checkpoint from before a config field existed reads as that field's default
     state = torch.load(path, weights_only=True)
     del state["base_config"]["sigma_floor"]
     torch.save(state, path)
-    history = fit_ssvae(tiny_stacked(code_dims=[0, 2]), images[:6], labels[:6], images,
-                        checkpoint=path, resume=True, **{**options, "epochs": 2})  # fmt: skip
-    assert [record.epoch for record in history] == [1, 2]
+    history = fit_ssvae(
+        tiny_stacked(code_dims=[0, 2]),
+        images[:6],
+        labels[:6],
+        images,
+        **options,
+        run=run.replace(epochs=2, checkpoint=path, resume=True),
+    )
+    assert [record.epoch for record in history.epochs] == [1, 2]

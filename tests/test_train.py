@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from pyro.nn import pyro_method
 
-from pyro_vae import VAE, TrainingDivergedError, fit, load_checkpoint
+from pyro_vae import VAE, Run, TrainingDivergedError, fit, load_checkpoint
 from pyro_vae.data import ImageFolder
 from pyro_vae.errors import CheckpointError, DataError
 from pyro_vae.train import kl_weight_at
@@ -39,7 +39,7 @@ def test_every_parameter_moves_and_the_test_elbo_improves(digits, options):
     train, test = digits
     vae = VAE(**SMALL, **options)
     before = snapshot(vae)
-    history = fit(vae, train[:256], test, epochs=3, batch_size=32, lr=3e-3, progress=False)
+    history = fit(vae, train[:256], test, batch_size=32, run=Run(epochs=3, lr=3e-3, progress=False))
     after = vae.state_dict()
     for name, value in before.items():
         assert not torch.equal(value, after[name]), f"{name} did not move"
@@ -55,7 +55,7 @@ def test_same_seed_same_weights_and_different_seed_different(digits):
     for seed in (3, 3, 4):
         torch.manual_seed(0)  # identical initial weights; the fit seed drives the rest
         vae = VAE(**SMALL)
-        fit(vae, train[:128], epochs=1, batch_size=32, seed=seed, progress=False)
+        fit(vae, train[:128], batch_size=32, run=Run(epochs=1, seed=seed, progress=False))
         runs.append(vae.decoder.net[-2].weight.detach().clone())
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
@@ -65,9 +65,9 @@ def test_two_vaes_with_the_same_name_both_learn_and_leave_the_param_store_alone(
     train, test = digits
     sentinel = pyro.param("vae.encoder$$$net.1.weight", torch.zeros(3))
     first, second = VAE(**SMALL), VAE(**SMALL)
-    fit(first, train, epochs=2, batch_size=64, progress=False)
+    fit(first, train, batch_size=64, run=Run(epochs=2, progress=False))
     fresh = snapshot(second)
-    fit(second, train, epochs=2, batch_size=64, progress=False)
+    fit(second, train, batch_size=64, run=Run(epochs=2, progress=False))
     assert pyro.get_param_store()["vae.encoder$$$net.1.weight"] is sentinel
     for name, value in fresh.items():
         assert not torch.equal(value, second.state_dict()[name])
@@ -91,10 +91,9 @@ def test_fit_runs_a_subclass_model_and_reports_each_epoch(digits):
     fit(
         Watched(**SMALL),
         digits[0][:64],
-        epochs=2,
         batch_size=32,
-        progress=False,
         on_epoch=seen.append,
+        run=Run(epochs=2, progress=False),
     )
     assert calls.count(32) >= 4, "fit must train the subclass's model, not the base body"
     assert [record.epoch for record in seen] == [1, 2]
@@ -104,7 +103,9 @@ def test_fit_runs_a_subclass_model_and_reports_each_epoch(digits):
 def test_kl_warmup_ramps_linearly_and_is_recorded(digits):
     assert [kl_weight_at(s, 2.0, 4) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
     assert kl_weight_at(0, 0.5, 0) == 0.5
-    history = fit(VAE(**SMALL), digits[0][:128], epochs=2, batch_size=32, warmup=2, progress=False)
+    history = fit(
+        VAE(**SMALL), digits[0][:128], batch_size=32, warmup=2, run=Run(epochs=2, progress=False)
+    )
     assert history.column("kl_weight") == [0.5, 1.0]
 
 
@@ -112,7 +113,7 @@ def test_kl_warmup_ramps_linearly_and_is_recorded(digits):
 def test_divergence_stops_before_the_bad_step_and_keeps_the_last_good_checkpoint(digits, tmp_path):
     vae = VAE(**SMALL)
     path = tmp_path / "run.pt"
-    fit(vae, digits[0][:128], epochs=1, batch_size=32, checkpoint=path, progress=False)
+    fit(vae, digits[0][:128], batch_size=32, run=Run(epochs=1, checkpoint=path, progress=False))
     good = snapshot(vae)
     calls = {"n": 0}
 
@@ -125,11 +126,8 @@ def test_divergence_stops_before_the_bad_step_and_keeps_the_last_good_checkpoint
         fit(
             vae,
             digits[0][:128],
-            epochs=2,
             batch_size=32,
-            checkpoint=path,
-            resume=True,
-            progress=False,
+            run=Run(epochs=2, checkpoint=path, resume=True, progress=False),
         )
     assert info.value.step == 7  # 4 steps in epoch 1, then the third of epoch 2
     saved = load_checkpoint(path)
@@ -144,7 +142,7 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(digits, tmp_path):
     train = train[:256]
     torch.manual_seed(0)
     reference = VAE(**SMALL)
-    fit(reference, train, test, epochs=2, batch_size=32, progress=False)
+    fit(reference, train, test, batch_size=32, run=Run(epochs=2, progress=False))
 
     torch.manual_seed(0)
     vae = VAE(**SMALL)
@@ -158,14 +156,18 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(digits, tmp_path):
     hook = vae.encoder.register_forward_pre_hook(press_ctrl_c)
     path = tmp_path / "ckpt.pt"
     with pytest.raises(KeyboardInterrupt):
-        fit(vae, train, test, epochs=2, batch_size=32, checkpoint=path, progress=False)
+        fit(vae, train, test, batch_size=32, run=Run(epochs=2, checkpoint=path, progress=False))
     hook.remove()
     progress = load_checkpoint(path)["progress"]
     assert (progress["epoch"], progress["batch"], progress["step"]) == (1, 2, 10)
 
     resumed = VAE(**SMALL)
     history = fit(
-        resumed, train, test, epochs=2, batch_size=32, checkpoint=path, resume=True, progress=False
+        resumed,
+        train,
+        test,
+        batch_size=32,
+        run=Run(epochs=2, checkpoint=path, resume=True, progress=False),
     )
     assert len(history.epochs) == 2
     for name, value in reference.state_dict().items():
@@ -174,11 +176,20 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(digits, tmp_path):
 
 def test_resume_goes_on_at_the_learning_rate_asked_for(digits, tmp_path):
     path = tmp_path / "c.pt"
-    fit(VAE(**SMALL), digits[0][:64], epochs=1, batch_size=32, checkpoint=path, progress=False)
+    fit(
+        VAE(**SMALL),
+        digits[0][:64],
+        batch_size=32,
+        run=Run(epochs=1, checkpoint=path, progress=False),
+    )
     first = load_checkpoint(path)["optimizer"]
     assert first["param_groups"][0]["lr"] == 1e-3
-    fit(VAE(**SMALL), digits[0][:64], epochs=2, batch_size=32, lr=2.5e-4, checkpoint=path,
-        resume=True, progress=False)  # fmt: skip
+    fit(
+        VAE(**SMALL),
+        digits[0][:64],
+        batch_size=32,
+        run=Run(epochs=2, lr=2.5e-4, checkpoint=path, resume=True, progress=False),
+    )
     state = load_checkpoint(path)
     second = state["optimizer"]
     assert {group["lr"] for group in second["param_groups"]} == {2.5e-4}
@@ -189,16 +200,25 @@ def test_resume_goes_on_at_the_learning_rate_asked_for(digits, tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_another_model(digits, tmp_path):
     path = tmp_path / "c.pt"
-    fit(VAE(**SMALL), digits[0][:64], epochs=1, batch_size=32, checkpoint=path, progress=False)
+    fit(
+        VAE(**SMALL),
+        digits[0][:64],
+        batch_size=32,
+        run=Run(epochs=1, checkpoint=path, progress=False),
+    )
     with pytest.raises(CheckpointError, match="latent_dim: checkpoint has 8, asked for 9"):
-        fit(VAE(latent_dim=9, hidden=64), digits[0][:64], epochs=2, checkpoint=path, resume=True)
+        fit(
+            VAE(latent_dim=9, hidden=64),
+            digits[0][:64],
+            run=Run(epochs=2, checkpoint=path, resume=True),
+        )
 
 
 def test_wrong_data_is_named_before_training(digits):
     with pytest.raises(DataError, match="images are 1x32x32"):
-        fit(VAE(**SMALL), torch.zeros(4, 1, 32, 32, dtype=torch.uint8), progress=False)
+        fit(VAE(**SMALL), torch.zeros(4, 1, 32, 32, dtype=torch.uint8), run=Run(progress=False))
     with pytest.raises(DataError, match="binary"):
-        fit(VAE(**SMALL), torch.full((4, 1, 28, 28), 0.5), progress=False)
+        fit(VAE(**SMALL), torch.full((4, 1, 28, 28), 0.5), run=Run(progress=False))
     with pytest.raises(DataError, match="NaN"):
         fit(VAE(likelihood="gaussian", **SMALL), torch.full((4, 1, 28, 28), float("nan")))
     with pytest.raises(ValueError, match="unknown elbo"):
@@ -213,6 +233,6 @@ def test_a_folder_of_images_streams_through_a_dataloader(tmp_path):
     folder = ImageFolder(tmp_path)
     vae = VAE(image_shape=folder.image_shape, likelihood="continuous-bernoulli", **SMALL)
     before = snapshot(vae)
-    history = fit(vae, folder, epochs=2, batch_size=16, num_workers=2, progress=False)
+    history = fit(vae, folder, batch_size=16, num_workers=2, run=Run(epochs=2, progress=False))
     assert history.epochs[-1].step == 6 and math.isfinite(history.epochs[-1].train_loss)
     assert not torch.equal(before["decoder.net.0.weight"], vae.state_dict()["decoder.net.0.weight"])
