@@ -3,6 +3,13 @@
 Every function returns a matplotlib ``Figure`` and draws nothing on screen; save it
 with :func:`save`. matplotlib is imported when a function is called, not when
 pyro_vae is imported, and uses the file-only Agg backend unless one was chosen.
+
+Data of a VAE of vectors (``(N, D)``, from ``VAE(image_shape=(D,))``) have no rows and
+columns of pixels. :func:`image_grid` and :func:`reconstructions` draw them as rows of a
+heat map (one row per vector, one column per dimension, with a colour bar of the values),
+:func:`replicate_grid` as one line plot per vector with its replicates around it, and
+:func:`p_value_map` as one bar per dimension. :func:`tile`, the image layout of the
+figures that only images have, refuses vectors with a :class:`UsageError` naming those.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .errors import UsageError
 
 
 def _plt():
@@ -28,6 +37,12 @@ def _plt():
 def tile(images: torch.Tensor, ncol: int | None = None, pad: int = 1) -> np.ndarray:
     """Arrange ``(N, C, H, W)`` images with values in [0, 1] into one ``(rows*H, cols*W[, 3])``
     array, ``ncol`` to a row (about square by default), with ``pad`` pixels of white between."""
+    if images.dim() != 4:
+        raise UsageError(
+            f"tile arranges (N, C, H, W) images, got shape {tuple(images.shape)}; vectors "
+            "(N, D) have no pixel layout: plots.image_grid and plots.reconstructions draw "
+            "them as rows of a heat map"
+        )
     images = images.detach().float().cpu().clamp(0, 1)
     n, c, h, w = images.shape
     ncol = ncol or math.ceil(math.sqrt(n))
@@ -49,9 +64,58 @@ def _show(ax, array: np.ndarray, title: str | None = None) -> None:
         ax.set_title(title)
 
 
+def _value_range(*arrays: np.ndarray) -> tuple[float, float]:
+    """The colour range of vector heat maps: [0, 1] for values inside it (the scale images
+    have, so that binary or [0, 1] data read alike everywhere), else the values' own."""
+    low = min(float(np.nanmin(a)) for a in arrays)
+    high = max(float(np.nanmax(a)) for a in arrays)
+    if 0.0 <= low and high <= 1.0:
+        return 0.0, 1.0
+    return (low, high) if high > low else (low - 0.5, high + 0.5)
+
+
+def _vector_rows(ax, array: np.ndarray, limits: tuple[float, float], title: str | None):
+    """Draw ``(N, D)`` vectors on ``ax`` as a heat map, one row per vector; the image."""
+    shown = ax.imshow(
+        array,
+        cmap="viridis",
+        vmin=limits[0],
+        vmax=limits[1],
+        aspect="auto",
+        interpolation="nearest",
+    )
+    ax.set_xlabel("dimension")
+    ax.set_ylabel("vector")
+    # integer ticks only: a dimension or a vector has no halves
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    if title:
+        ax.set_title(title)
+    return shown
+
+
+def _vectors(data: torch.Tensor) -> np.ndarray:
+    return data.detach().float().cpu().numpy()
+
+
 def image_grid(images: torch.Tensor, title: str | None = None, ncol: int | None = None):
-    """One grid of images, e.g. decoder means of prior samples."""
+    """One grid of images, e.g. decoder means of prior samples.
+
+    ``(N, D)`` vectors are drawn as a heat map instead, one row per vector and one column
+    per dimension, coloured on [0, 1] when every value lies there (like images) and on the
+    values' range otherwise; ``ncol`` does not apply to them.
+    """
     plt = _plt()
+    if images.dim() == 2:
+        array = _vectors(images)
+        n, d = array.shape
+        fig, ax = plt.subplots(
+            figsize=(min(max(4.0, 0.3 * d + 2), 12), min(max(3.0, 0.15 * n + 1.5), 12))
+        )
+        shown = _vector_rows(ax, array, _value_range(array), title)
+        fig.colorbar(shown, ax=ax, label="value")
+        fig.tight_layout()
+        return fig
     array = tile(images, ncol)
     height, width = array.shape[:2]
     fig, ax = plt.subplots(figsize=(6, 6 * height / width + (0.4 if title else 0)))
@@ -61,8 +125,30 @@ def image_grid(images: torch.Tensor, title: str | None = None, ncol: int | None 
 
 
 def reconstructions(originals: torch.Tensor, reconstructed: torch.Tensor, ncol: int = 16):
-    """Originals (top panel) above their reconstructions (bottom panel), image for image."""
+    """Originals (top panel) above their reconstructions (bottom panel), image for image.
+
+    ``(N, D)`` vectors are two heat maps (one row per vector, one column per dimension)
+    on one colour scale, with one colour bar, so that equal colours are equal values;
+    ``ncol`` does not apply to them.
+    """
     plt = _plt()
+    if originals.dim() == 2:
+        top, bottom = _vectors(originals), _vectors(reconstructed)
+        limits = _value_range(top, bottom)
+        n, d = top.shape
+        height = min(max(2.5, 0.15 * n + 1.2), 6)
+        fig, axes = plt.subplots(
+            2,
+            1,
+            figsize=(min(max(5.0, 0.3 * d + 2), 12), 2 * height),
+            sharex=True,
+            layout="constrained",  # keeps the titles, labels and shared colour bar apart
+        )
+        _vector_rows(axes[0], top, limits, "originals")
+        axes[0].set_xlabel("")  # the panels share their dimension axis
+        shown = _vector_rows(axes[1], bottom, limits, "reconstructions")
+        fig.colorbar(shown, ax=list(axes), label="value")
+        return fig
     top, bottom = tile(originals, ncol), tile(reconstructed, ncol)
     ratio = (top.shape[0] + bottom.shape[0]) / top.shape[1]
     fig, axes = plt.subplots(2, 1, figsize=(8, 8 * ratio + 0.8))
@@ -351,17 +437,60 @@ def latent_scatter(codes: torch.Tensor, labels: torch.Tensor | None = None):
 # ---------------------------------------------------------------------------- checks
 def replicate_grid(observed: torch.Tensor, replicated: torch.Tensor, title: str | None = None):
     """Held-out images (top row) above draws replicated for each of them (one row per
-    draw): ``observed`` is ``(N, C, H, W)``, ``replicated`` ``(S, N, C, H, W)``."""
+    draw): ``observed`` is ``(N, C, H, W)``, ``replicated`` ``(S, N, C, H, W)``.
+
+    Vectors (``observed`` ``(N, D)``, ``replicated`` ``(S, N, D)``) get one panel per
+    held-out vector: its values against the dimension (black, labelled "held-out") and
+    each of its replicates as a thin line (labelled "replicate"), so a vector outside its
+    replicates' band is one the model does not reproduce.
+    """
+    if observed.dim() == 2:
+        return _vector_replicates(observed, replicated, title)
     n = observed.shape[0]
     images = torch.cat([observed[None], replicated]).flatten(0, 1)
     title = title or "top row: held-out images; rows below: replicates drawn for each"
     return image_grid(images, title, ncol=n)
 
 
+def _vector_replicates(observed: torch.Tensor, replicated: torch.Tensor, title: str | None):
+    """:func:`replicate_grid` for vectors: one line plot per held-out vector."""
+    plt = _plt()
+    data, draws = _vectors(observed), _vectors(replicated)
+    n, d = data.shape
+    ncol = min(n, 4)
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow + 0.6), squeeze=False, sharex=True
+    )
+    dims = np.arange(d)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        for draw in draws[:, i]:
+            ax.plot(dims, draw, color="tab:blue", alpha=0.35, linewidth=0.8, label="replicate")
+        ax.plot(dims, data[i], color="black", marker="o", markersize=3, label="held-out")
+        ax.set_title(f"vector {i}", fontsize="medium")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if i == 0:
+            handles, labels = ax.get_legend_handles_labels()
+            # one legend entry per kind of line, not one per replicate
+            unique = dict(zip(labels, handles, strict=True))
+            ax.legend(unique.values(), unique.keys(), fontsize="small")
+    for ax in axes[-1]:
+        ax.set_xlabel("dimension")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("value")
+    fig.suptitle(title or "held-out vectors (black) and the replicates drawn for each (blue)")
+    fig.tight_layout()
+    return fig
+
+
 def discrepancy_scatter(observed: torch.Tensor, replicated: torch.Tensor, p_value: float):
     """Realized against replicated discrepancy, one point per (draw, image): the
     log-likelihood ``log p(x | z)`` of the real image (x axis) and of its replicate
-    (y axis) under the same z. Points above the diagonal: the replicate fits better."""
+    (y axis) under the same z. Points above the diagonal: the replicate fits better.
+    ``observed`` and ``replicated`` are ``(S, N)``, for images and vectors alike."""
     plt = _plt()
     obs = observed.detach().cpu().flatten().numpy()
     rep = replicated.detach().cpu().flatten().numpy()
@@ -377,17 +506,58 @@ def discrepancy_scatter(observed: torch.Tensor, replicated: torch.Tensor, p_valu
     return fig
 
 
-def p_value_map(p_values: torch.Tensor, title: str = "per-pixel p-values of the mean image"):
+def p_value_map(p_values: torch.Tensor, title: str | None = None):
     """Posterior predictive p-values of a per-pixel statistic as an image: white is 0.5
     (the data are typical of the model); red: the replicates are darker than the data
-    there (the model under-predicts the pixel), blue: brighter (it over-predicts)."""
+    there (the model under-predicts the pixel), blue: brighter (it over-predicts).
+
+    ``p_values`` is ``(C, H, W)`` for images (channels averaged), or ``(D,)`` for a
+    per-dimension statistic of vectors, drawn as one bar per dimension from 0.5 to its
+    p-value in the same colours (red, down: the model under-predicts that dimension;
+    blue, up: it over-predicts), with dashed lines at 0.025 and 0.975.
+    """
     plt = _plt()
     values = p_values.detach().float().cpu()
+    if values.dim() == 1:
+        return _p_value_bars(values, title or "per-dimension p-values of the mean")
+    if values.dim() != 3:
+        raise UsageError(
+            "p_value_map takes per-pixel p-values (C, H, W) or per-dimension ones (D,), "
+            f"got shape {tuple(values.shape)}"
+        )
+    title = title or "per-pixel p-values of the mean image"
     array = values[0] if values.shape[0] == 1 else values.mean(0)
     fig, ax = plt.subplots(figsize=(5, 4.3))
     shown = ax.imshow(array.numpy(), cmap="RdBu", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     fig.colorbar(shown, ax=ax, label="P(T(x_rep) > T(x))")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def _p_value_bars(values: torch.Tensor, title: str):
+    """:func:`p_value_map` for vectors: one bar per dimension, coloured by its p-value and
+    drawn from 0.5 to it, so the dimensions that matter (p near 0 or 1) have the longest
+    bars rather than none."""
+    plt = _plt()
+    p = values.numpy()
+    dims = np.arange(p.shape[0])
+    fig, ax = plt.subplots(figsize=(min(max(5.0, 0.25 * len(p) + 2), 14), 4))
+    ax.bar(
+        dims,
+        p - 0.5,
+        bottom=0.5,
+        color=plt.get_cmap("RdBu")(p),
+        edgecolor="grey",
+        linewidth=0.5,
+    )
+    for level, style in ((0.025, "--"), (0.5, ":"), (0.975, "--")):
+        ax.axhline(level, color="grey", linestyle=style, linewidth=0.8)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("dimension")
+    ax.set_ylabel("P(T(x_rep) > T(x))")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(title)
     fig.tight_layout()
     return fig
