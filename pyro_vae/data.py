@@ -371,10 +371,11 @@ class _Batches:
         prepared = copy.copy(self)
         prepared.rank, prepared.world, prepared.on_bad_data = rank, world, on_bad_data
         prepared.dtype = dtype if dtype is not None else self.dtype
-        prepared._move(torch.device(device))
+        prepared.place(torch.device(device))
         return prepared
 
-    def _move(self, device: torch.device) -> None:
+    def place(self, device: torch.device) -> None:
+        """Deliver batches on ``device`` (called by :meth:`prepare` on its copy)."""
         raise NotImplementedError
 
     @property
@@ -431,7 +432,7 @@ class TensorBatches(_Batches):
             check(images)
         self.images = images
 
-    def _move(self, device: torch.device) -> None:
+    def place(self, device: torch.device) -> None:
         self.images = self.images.to(device)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
@@ -462,7 +463,7 @@ class LoaderBatches(_Batches):
         self.device = torch.device("cpu")
         self.num_workers = num_workers
 
-    def _move(self, device: torch.device) -> None:
+    def place(self, device: torch.device) -> None:
         self.device = device
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from .errors import UsageError
 
 
-def _plt():
+def pyplot():
+    """``matplotlib.pyplot``, imported on first use, on a non-interactive backend unless a
+    notebook's inline one is active (figures are saved, never shown in a window)."""
     import matplotlib
 
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
@@ -105,7 +107,7 @@ def image_grid(images: torch.Tensor, title: str | None = None, ncol: int | None 
     per dimension, coloured on [0, 1] when every value lies there (like images) and on the
     values' range otherwise; ``ncol`` does not apply to them.
     """
-    plt = _plt()
+    plt = pyplot()
     if images.dim() == 2:
         array = _vectors(images)
         n, d = array.shape
@@ -131,7 +133,7 @@ def reconstructions(originals: torch.Tensor, reconstructed: torch.Tensor, ncol: 
     on one colour scale, with one colour bar, so that equal colours are equal values;
     ``ncol`` does not apply to them.
     """
-    plt = _plt()
+    plt = pyplot()
     if originals.dim() == 2:
         top, bottom = _vectors(originals), _vectors(reconstructed)
         limits = _value_range(top, bottom)
@@ -160,7 +162,7 @@ def reconstructions(originals: torch.Tensor, reconstructed: torch.Tensor, ncol: 
 
 def _token_colours(tokens: torch.Tensor, codebook_size: int, ncol: int) -> np.ndarray:
     """Tile integer token grids ``(N, h, w)`` as RGB, one colour per code, white between."""
-    plt = _plt()
+    plt = pyplot()
     scaled = tokens.float().unsqueeze(1) / max(codebook_size - 1, 1)
     # padding between tiles, and cells marked -1 (no code), are drawn white
     inside = tile((tokens < 0).float().unsqueeze(1), ncol) == 0
@@ -178,7 +180,7 @@ def tokenizer(
 ):
     """Originals, their tokens (one colour per code; the groups of an MLP wrapped into a block,
     a grid for a conv tokenizer) and the images decoded from those tokens alone."""
-    plt = _plt()
+    plt = pyplot()
     grids = tokens
     if tokens.dim() == 2:  # groups have no layout: wrap them into a near-square block
         groups = tokens.shape[1]
@@ -206,7 +208,7 @@ def tokenizer(
 
 def loss_curves(history):
     """Training loss and held-out negative ELBO (nats per image) against epoch."""
-    plt = _plt()
+    plt = pyplot()
     epochs = history.column("epoch")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(
@@ -240,7 +242,7 @@ def _restoration_figure(columns: list, std: torch.Tensor, title: str | None = No
     """One row per image and one column per ``(images, title)`` in ``columns``, each
     ``images`` a ``(N, C, H, W)`` batch; the column whose images are ``None`` shows
     ``std`` (averaged over colour channels) as a heat map, its colour bar beside it."""
-    plt = _plt()
+    plt = pyplot()
     spread = std.detach().float().cpu().mean(1).numpy()
     top = max(spread.max().item(), 1e-8)
     rows = spread.shape[0]
@@ -337,7 +339,7 @@ def super_resolution(
 
 def save(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write a figure to ``path`` (format from the suffix) and free its memory."""
-    plt = _plt()
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
@@ -357,7 +359,7 @@ def latent_traversals(decode, z: torch.Tensor, dims: list[int], span: float = 3.
     for row, dim in enumerate(dims):
         codes[row, :, dim] = values
     images = decode(codes).flatten(0, 1)
-    plt = _plt()
+    plt = pyplot()
     array = tile(images, steps)
     fig, ax = plt.subplots(figsize=(steps * 0.8 + 1, len(dims) * 0.8 + 0.8))
     ax.imshow(array, cmap="gray" if array.ndim == 2 else None, vmin=0, vmax=1)
@@ -408,7 +410,7 @@ def latent_manifold(decode, n: int = 20, device: torch.device | str = "cpu"):
 def latent_scatter(codes: torch.Tensor, labels: torch.Tensor | None = None):
     """Codes of encoded images as points coloured by label: the codes themselves when
     they are 2-D, otherwise their first two principal components."""
-    plt = _plt()
+    plt = pyplot()
     points = codes.detach().float().cpu().flatten(1)
     if points.shape[1] == 2:
         axis_names = ("z[0]", "z[1]")
@@ -454,7 +456,7 @@ def replicate_grid(observed: torch.Tensor, replicated: torch.Tensor, title: str 
 
 def _vector_replicates(observed: torch.Tensor, replicated: torch.Tensor, title: str | None):
     """:func:`replicate_grid` for vectors: one line plot per held-out vector."""
-    plt = _plt()
+    plt = pyplot()
     data, draws = _vectors(observed), _vectors(replicated)
     n, d = data.shape
     ncol = min(n, 4)
@@ -491,7 +493,7 @@ def discrepancy_scatter(observed: torch.Tensor, replicated: torch.Tensor, p_valu
     log-likelihood ``log p(x | z)`` of the real image (x axis) and of its replicate
     (y axis) under the same z. Points above the diagonal: the replicate fits better.
     ``observed`` and ``replicated`` are ``(S, N)``, for images and vectors alike."""
-    plt = _plt()
+    plt = pyplot()
     obs = observed.detach().cpu().flatten().numpy()
     rep = replicated.detach().cpu().flatten().numpy()
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
@@ -516,7 +518,7 @@ def p_value_map(p_values: torch.Tensor, title: str | None = None):
     p-value in the same colours (red, down: the model under-predicts that dimension;
     blue, up: it over-predicts), with dashed lines at 0.025 and 0.975.
     """
-    plt = _plt()
+    plt = pyplot()
     values = p_values.detach().float().cpu()
     if values.dim() == 1:
         return _p_value_bars(values, title or "per-dimension p-values of the mean")
@@ -540,7 +542,7 @@ def _p_value_bars(values: torch.Tensor, title: str):
     """:func:`p_value_map` for vectors: one bar per dimension, coloured by its p-value and
     drawn from 0.5 to it, so the dimensions that matter (p near 0 or 1) have the longest
     bars rather than none."""
-    plt = _plt()
+    plt = pyplot()
     p = values.numpy()
     dims = np.arange(p.shape[0])
     fig, ax = plt.subplots(figsize=(min(max(5.0, 0.25 * len(p) + 2), 14), 4))

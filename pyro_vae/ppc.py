@@ -340,7 +340,7 @@ def plot_statistics(idata: az.InferenceData, group: str = "posterior", num_pp_sa
 
     :param group: "posterior" or "prior" (replicates drawn from the prior predictive).
     """
-    from .plots import _plt  # matplotlib only when a figure is asked for
+    from .plots import pyplot  # matplotlib only when a figure is asked for
 
     known = [*IMAGE_STATISTICS, "pixel_mean", *VECTOR_STATISTICS]
     names = [name for name in known if name in idata.observed_data]
@@ -351,7 +351,7 @@ def plot_statistics(idata: az.InferenceData, group: str = "posterior", num_pp_sa
         )
     predictive = idata[f"{group}_predictive"]
     sets = predictive.sizes["chain"] * predictive.sizes["draw"]
-    fig, axes = _plt().subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for name, ax in zip(names, axes[0], strict=True):
         smooth = _has_density(idata.observed_data[name].values, 1) and _has_density(
             predictive[name].values, sets
