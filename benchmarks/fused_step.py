@@ -39,7 +39,7 @@ from speed import plain_loss
 
 from pyro_vae import VAE
 from pyro_vae.data import load_mnist
-from pyro_vae.engine import resolve_device
+from pyro_vae.devices import resolve_device
 from pyro_vae.fused import FusedTrace_ELBO
 
 # Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1, with which every step of a

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from pyro_vae import VAE, fit
+from pyro_vae import VAE, Run, fit
 from pyro_vae.data import load_mnist
 
 
@@ -29,16 +29,14 @@ def throughput(images: torch.Tensor, processes: int, args: argparse.Namespace) -
     """Images per second of one fit with ``processes`` processes."""
     pyro.set_rng_seed(0)
     vae = VAE()
-    history = fit(
-        vae,
-        images,
+    run = Run(
         epochs=args.epochs,
-        batch_size=args.batch_size,
         accelerator=args.accelerator,
         devices=processes,
         strategy="ddp_spawn" if processes > 1 else "auto",
         progress=False,
     )
+    history = fit(vae, images, batch_size=args.batch_size, run=run)
     seconds = sum(record.seconds for record in history.epochs[1:])
     return len(images) * (args.epochs - 1) / seconds
 

@@ -10,7 +10,7 @@ every loop) and the same single-sample ELBO estimate as the loss:
 - plain-compiled: the same step with the loss through ``torch.compile``;
 - fit-pyro: ``pyro_vae.fit`` with Pyro's own ``Trace_ELBO`` (``elbo="trace-pyro"``);
 - fit: ``pyro_vae.fit``'s default, the fused ``Trace_ELBO`` (no Pyro tracing);
-- fit-compiled: the fused ELBO through ``torch.compile`` (``compile=True``);
+- fit-compiled: the fused ELBO through ``torch.compile`` (``Run(compile=True)``);
 - pyro-example (``--example``): Pyro's VAE example, ``SVI`` with ``pyro.optim.Adam`` and
   a ``DataLoader`` per batch;
 - pyro-example-fused (``--example``): the same loop with ``FusedTrace_ELBO`` in place of
@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 from torch.utils.data import DataLoader, TensorDataset
 
-from pyro_vae import VAE, fit
+from pyro_vae import VAE, Run, fit
 from pyro_vae.data import TensorBatches, load_mnist, preprocess
-from pyro_vae.engine import resolve_device
+from pyro_vae.devices import resolve_device
 from pyro_vae.fused import FusedTrace_ELBO
 from pyro_vae.latents import MIN_SCALE
 
@@ -111,7 +111,7 @@ def main() -> None:
     device = resolve_device(args.device)
     images = load_mnist(args.data_dir, "train").images
     n = images.shape[0]
-    batches = TensorBatches(images, 256, device)
+    batches = TensorBatches(images, 256).prepare(0, 1, device)  # held on the device
 
     def plain_contender(compiled: bool):
         torch.manual_seed(0)
@@ -120,15 +120,14 @@ def main() -> None:
         loss_fn = torch.compile(plain_loss) if compiled else plain_loss
         return lambda epoch: plain_epoch(vae, optimizer, batches, epoch, loss_fn)
 
-    def fit_contender(name: str, **options):
+    def fit_contender(name: str, elbo: str, compile: bool = False):
         torch.manual_seed(0)
         vae = VAE()
-        checkpoint = Path(tmp) / f"{name}.pt"
+        run = Run(lr=1e-3, accelerator=str(device), checkpoint=Path(tmp) / f"{name}.pt",
+                  resume=True, progress=False, compile=compile)  # fmt: skip
 
         def epoch_seconds(epoch: int) -> float:
-            history = fit(vae, images, epochs=epoch + 1, batch_size=256, lr=1e-3,
-                          device=device, checkpoint=checkpoint, resume=True, progress=False,
-                          **options)  # fmt: skip
+            history = fit(vae, images, batch_size=256, elbo=elbo, run=run.replace(epochs=epoch + 1))
             return history.epochs[-1].seconds
 
         return epoch_seconds

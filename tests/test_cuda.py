@@ -4,7 +4,7 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_vae import VAE, fit, load_vae
+from pyro_vae import VAE, Run, fit, load_vae
 from pyro_vae.evaluate import elbo, iwae_log_likelihood
 from pyro_vae.ssvae import SSVAE, active_code_dims, fit_ssvae, load_ssvae
 
@@ -19,11 +19,8 @@ def test_training_and_evaluation_stay_on_the_gpu(tmp_path, arch):
         vae,
         images,
         images[:64],
-        epochs=2,
         batch_size=64,
-        device="cuda",
-        checkpoint=tmp_path / "c.pt",
-        progress=False,
+        run=Run(epochs=2, accelerator="cuda", checkpoint=tmp_path / "c.pt", progress=False),
     )
     assert all(p.is_cuda for p in vae.parameters())
     assert history.epochs[-1].test_elbo is not None
@@ -52,10 +49,8 @@ def test_stacked_ssvae_trains_on_the_gpu_and_loads_on_the_cpu(tmp_path):
         labels[:20],
         images[20:],
         (images[:40], labels[:40]),
-        epochs=1,
         batch_size=20,
-        device="cuda",
-        checkpoint=tmp_path / "m1m2.pt",
+        run=Run(epochs=1, accelerator="cuda", checkpoint=tmp_path / "m1m2.pt"),
     )
     assert all(p.is_cuda for p in ssvae.parameters()) and ssvae._code_index.is_cuda
     x = images[:8].float().div(255).bernoulli()
@@ -71,8 +66,8 @@ def test_mixed_precision_on_the_gpu_stays_finite_and_near_float32(precision):
     for name in ("32-true", precision):
         torch.manual_seed(0)
         vae = VAE(latent_dim=8, hidden=64)
-        history = fit(vae, images, images[:128], epochs=2, batch_size=64, device="cuda",
-                      precision=name, progress=False)  # fmt: skip
+        run = Run(epochs=2, accelerator="cuda", precision=name, progress=False)
+        history = fit(vae, images, images[:128], batch_size=64, run=run)
         results[name] = history.epochs[-1].test_elbo
     assert abs(results[precision] - results["32-true"]) < 0.02 * abs(results["32-true"])
 
@@ -100,14 +95,14 @@ def test_the_fused_elbo_equals_pyros_on_the_gpu(latent):
 
 @pytest.mark.parametrize("mode", [True, "reduce-overhead"])
 def test_compiled_fused_training_on_the_gpu_matches_eager(mode):
-    """fit(compile=...) on CUDA, with CUDA graphs under "reduce-overhead", reaches the
+    """fit(run=Run(compile=...)) on CUDA, with CUDA graphs under "reduce-overhead", reaches the
     eager run's held-out ELBO (different noise, so within 2%)."""
     images = (torch.rand(512, 1, 28, 28) * 255).to(torch.uint8)
     results = {}
     for compile in (False, mode):
         torch.manual_seed(0)
         vae = VAE(latent_dim=8, hidden=64)
-        history = fit(vae, images, images[:128], epochs=3, batch_size=64, device="cuda",
-                      compile=compile, progress=False)  # fmt: skip
+        run = Run(epochs=3, accelerator="cuda", compile=compile, progress=False)
+        history = fit(vae, images, images[:128], batch_size=64, run=run)
         results[compile] = history.epochs[-1].test_elbo
     assert abs(results[mode] - results[False]) < 0.02 * abs(results[False])

@@ -79,7 +79,7 @@ def test_dequantization_stays_within_each_8_bit_level():
 
 def test_batches_cover_each_image_once_per_epoch_and_resume_mid_epoch():
     images = torch.arange(10, dtype=torch.uint8).reshape(10, 1, 1, 1)
-    batches = TensorBatches(images, 3, torch.device("cpu"), seed=1)
+    batches = TensorBatches(images, 3, seed=1).prepare(0, 1, torch.device("cpu"))
     epoch = list(batches.epoch(0))
     assert len(batches) == 4 and [len(b) for b in epoch] == [3, 3, 3, 1]
     assert sorted(torch.cat(epoch).flatten().tolist()) == list(range(10))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from pyro_vae import VAE, fit, load_vae, save_checkpoint
+from pyro_vae import VAE, Run, Temperature, fit, load_vae, save_checkpoint
 from pyro_vae.errors import DataError
 from pyro_vae.evaluate import elbo, iwae_log_likelihood
 from pyro_vae.latents import RelaxedCategorical, RelaxedCategoricalStraightThrough
@@ -192,13 +192,9 @@ def test_straight_through_trains_and_loss_falls(mnist_train):
         vae,
         images[:1000],
         images[1000:1200],
-        epochs=4,
         batch_size=50,
-        lr=3e-3,
-        temperature=1.0,
-        temperature_floor=0.5,
-        device="cpu",
-        progress=False,
+        temperature=Temperature(start=1.0, floor=0.5),
+        run=Run(epochs=4, lr=3e-3, accelerator="cpu", progress=False),
     )
     losses, test = history.column("train_loss"), history.column("test_elbo")
     assert losses[-1] < losses[0] - 30, losses
@@ -223,8 +219,9 @@ def test_scripts_end_to_end(tmp_path, mnist_dir, monkeypatch):
     # runs tokenize.py as a script, which also checks that the file does not hide the
     # standard library's tokenize from the scripts beside it
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
-    import _tokenize_cli
     import fit as fit_script
+
+    from pyro_vae.cli import tokens as tokenize_cli
 
     data = ["--data-dir", str(mnist_dir)]
     run_dir = tmp_path / "run"
@@ -251,15 +248,15 @@ def test_scripts_end_to_end(tmp_path, mnist_dir, monkeypatch):
 
     tokens_file = tmp_path / "tokens.pt"
     checkpoint = str(run_dir / "checkpoint.pt")
-    tokenize = _tokenize_cli.parser().parse_args
-    _tokenize_cli.main(
+    tokenize = tokenize_cli.parser().parse_args
+    tokenize_cli.main(
         tokenize(["--checkpoint", checkpoint, "--limit", "30", "--out", str(tokens_file), *data])
     )
     record = torch.load(tokens_file, weights_only=True)
     assert record["tokens"].shape == (30, 7, 7) and record["shape"] == [7, 7]
     assert record["codebook_size"] == 8 and record["labels"].shape == (30,)
     with pytest.raises(DataError, match="not a token file"):
-        _tokenize_cli.main(
+        tokenize_cli.main(
             tokenize(["--checkpoint", checkpoint, "--decode", checkpoint, "--out", "x.png"])
         )
 

@@ -174,13 +174,13 @@ def test_bad_input_is_a_clear_error(linear, data):
 def test_a_vae_of_vectors_is_evaluated_and_fitted_with_held_out_vectors():
     """Held-out data of a VAE of vectors are (N, D), as its training data: evaluate_vae,
     fit's test set and the shape errors all take the same shape rule."""
-    from pyro_vae import DataError, fit
+    from pyro_vae import DataError, Run, fit
 
     torch.manual_seed(0)
     vae = VAE(image_shape=(5,), likelihood="gaussian", latent_dim=2, hidden=8, sigma_init=0.5)
     vectors = torch.randn(40, 5) * 0.5
-    history = fit(vae, vectors, vectors[:10], epochs=1, batch_size=20, progress=False,
-                  device="cpu")  # fmt: skip
+    run = Run(epochs=1, accelerator="cpu", progress=False)
+    history = fit(vae, vectors, vectors[:10], batch_size=20, run=run)
     assert history.epochs[0].test_elbo is not None
     result = ev.evaluate_vae(vae, vectors[:6], num_particles=4)
     assert result.data == "as given" and math.isfinite(result.log_likelihood)

@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 from pyro_vae import (
     VAE,
     DataError,
+    Run,
     UsageError,
     fit,
     load_checkpoint,
@@ -224,7 +225,7 @@ def test_seeding_before_building_reproduces_a_python_run():
     for _ in range(2):
         pyro.set_rng_seed(5)
         vae = VAE(latent_dim=4, hidden=32)
-        history = fit(vae, x, x[:32], epochs=1, batch_size=32, seed=5, progress=False)
+        history = fit(vae, x, x[:32], batch_size=32, run=Run(epochs=1, seed=5, progress=False))
         results.append(history.epochs[-1].test_elbo)
     assert results[0] == results[1]
 
@@ -258,15 +259,16 @@ def test_fit_takes_a_dataset_of_image_label_pairs():
     images = (binary(96) * 255).to(torch.uint8)
     labels = torch.zeros(96, dtype=torch.long)
     vae = VAE(latent_dim=4, hidden=32)
-    history = fit(vae, TensorDataset(images, labels), epochs=1, batch_size=32, num_workers=0,
-                  progress=False)  # fmt: skip
+    data = TensorDataset(images, labels)
+    run = Run(epochs=1, progress=False)
+    history = fit(vae, data, batch_size=32, num_workers=0, run=run)
     assert len(history.epochs) == 1 and history.epochs[0].train_loss > 0
 
 
 def test_a_float64_model_fits_uint8_images():
     images = (binary(96) * 255).to(torch.uint8)
     vae = VAE(latent_dim=4, hidden=32).double()
-    history = fit(vae, images, images[:32], epochs=1, batch_size=32, progress=False)
+    history = fit(vae, images, images[:32], batch_size=32, run=Run(epochs=1, progress=False))
     assert next(vae.parameters()).dtype == torch.float64
     assert history.epochs[0].test_elbo < 0
 
@@ -289,7 +291,7 @@ def test_a_loaded_relaxed_categorical_model_in_eval_mode_refuses_svi(tmp_path):
 
 def test_fit_with_zero_epochs_says_it_did_nothing():
     with pytest.raises(UsageError, match="epochs"):
-        fit(VAE(latent_dim=4, hidden=32), binary(32), epochs=0, progress=False)
+        fit(VAE(latent_dim=4, hidden=32), binary(32), run=Run(epochs=0, progress=False))
 
 
 # ------------------------------------------------------------ item 8: vectors
@@ -301,7 +303,8 @@ def test_a_gaussian_vae_of_vectors_fits_tabular_data():
     data = data + torch.randn(512, 8, generator=generator)
     vae = VAE(image_shape=(8,), likelihood="gaussian", latent_dim=2, hidden=32, sigma_init=5.0)
     assert vae.x_site == "vae.x"
-    history = fit(vae, data[:448], data[448:], epochs=30, batch_size=64, lr=1e-2, progress=False)
+    run = Run(epochs=30, lr=1e-2, progress=False)
+    history = fit(vae, data[:448], data[448:], batch_size=64, run=run)
     first, last = history.epochs[0].test_elbo, history.epochs[-1].test_elbo
     assert last > first + 20
     assert vae.sample(5).shape == (5, 8)
@@ -312,7 +315,7 @@ def test_a_gaussian_scale_far_from_the_data_is_named_with_the_fix():
     data = 1000.0 + 300.0 * torch.randn(64, 8)
     vae = VAE(image_shape=(8,), likelihood="gaussian", latent_dim=2, hidden=32)
     with pytest.raises(DataError, match="sigma_init"):
-        fit(vae, data, epochs=1, progress=False)
+        fit(vae, data, run=Run(epochs=1, progress=False))
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli"])
