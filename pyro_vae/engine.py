@@ -133,7 +133,9 @@ def train(
     fd, weights = tempfile.mkstemp(suffix=".pt")
     os.close(fd)
     try:
-        history = fabric.launch(_train_process, objective, batches, run, None, weights)
+        # as a plain dict: the launcher rebuilds dataclass arguments field by field in each
+        # spawned process, which a frozen dataclass refuses
+        history = fabric.launch(_train_process, objective, batches, run.to_dict(), None, weights)
         objective.model.load_state_dict(torch.load(weights, weights_only=True))
     finally:
         Path(weights).unlink(missing_ok=True)
@@ -142,8 +144,9 @@ def train(
     return history
 
 
-def _train_process(fabric, objective, batches, run: Run, on_epoch, weights=None) -> History:
+def _train_process(fabric, objective, batches, run: Run | dict, on_epoch, weights=None):
     """The loop of one process: epochs of steps, a record and a checkpoint after each."""
+    run = Run.from_dict(run) if isinstance(run, dict) else run
     loop = _Loop(fabric, objective, batches, run)
     store = pyro.get_param_store()
     with store.scope(), pyro.validation_enabled(False), DeferredInterrupt() as interrupt:

@@ -291,6 +291,19 @@ def test_jit_bakes_temperature_and_kl_weight_so_fit_refuses_their_schedules():
     assert len(history.epochs) == 1
 
 
+def test_ddp_spawn_trains_two_processes_and_loads_the_weights_back(mnist_train):
+    """ddp_spawn starts the processes from inside fit (notebooks): the run reaches them
+    and the trained weights come back into the caller's VAE."""
+    pyro.set_rng_seed(0)
+    vae = VAE(latent_dim=4, hidden=16)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    run = Run(epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", progress=False)
+    history = fit(vae, mnist_train.images[:400], mnist_train.images[:100], batch_size=50, run=run)
+    assert [record.step for record in history.epochs] == [4]  # 200 images per process
+    assert history.epochs[0].test_elbo < 0
+    assert any(not torch.equal(before[k], v) for k, v in vae.state_dict().items())
+
+
 def test_a_resume_with_another_number_of_processes_is_refused(mnist_train, tmp_path):
     vae = VAE(latent_dim=4, hidden=16)
     checkpoint = tmp_path / "c.pt"
