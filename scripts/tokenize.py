@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Turn images into tokens with a discrete VAE, or tokens back into images.
+"""Turn images into tokens with a discrete VAE, or tokens back into images:
+``pyro-vae tokenize``, under its older name.
 
 python scripts/tokenize.py --checkpoint runs/grid/checkpoint.pt --split test --out tokens.pt
 python scripts/tokenize.py --checkpoint runs/grid/checkpoint.pt --decode tokens.pt --out grid.png
@@ -8,10 +9,9 @@ python scripts/tokenize.py --checkpoint runs/grid/checkpoint.pt --decode tokens.
 import sys
 
 if __name__ == "__main__":
-    from _cli import run_main
-    from _tokenize_cli import main, parser
+    from pyro_vae.cli.tokens import run
 
-    sys.exit(run_main(main, parser()))
+    sys.exit(run(prog="tokenize.py"))
 else:
     # Run as a script, this folder is first on sys.path, so the standard library's
     # ``tokenize`` (imported by ``inspect``, hence by torch) would find this file instead

@@ -28,7 +28,7 @@ def run_script(name: str, *args) -> int:
     """Run ``scripts/name`` as ``python scripts/name args...`` would, in this process (the
     imports stay warm), and return its exit status; its output goes to pytest's capture."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(SCRIPTS))  # the scripts import their sibling _cli
+        patch.syspath_prepend(str(SCRIPTS))  # as python puts a script's folder first
         patch.setattr(sys, "argv", [name, *map(str, args)])
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_path(str(SCRIPTS / name), run_name="__main__")

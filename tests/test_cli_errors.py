@@ -193,7 +193,7 @@ def test_evaluate_pictures_a_single_held_out_image(folder_run, tmp_path):
 def test_a_bug_in_the_package_keeps_its_traceback(bug, folder_run, tmp_path, monkeypatch):
     """A plain ValueError or OSError from inside pyro_vae is not the user's mistake: the
     script must not print it as one, but let it through with its traceback."""
-    from pyro_vae import evaluate
+    from pyro_vae.cli import evaluate  # the command's code, which the script runs
 
     def broken(*args, **kwargs):
         raise bug("an internal inconsistency")

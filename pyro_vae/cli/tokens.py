@@ -1,4 +1,11 @@
-"""The body of tokenize.py (kept apart: see the note in tokenize.py about its name)."""
+"""Turn images into tokens with a discrete VAE, or tokens back into images.
+
+pyro-vae tokenize --checkpoint runs/grid/checkpoint.pt --split test --out tokens.pt
+pyro-vae tokenize --checkpoint runs/grid/checkpoint.pt --decode tokens.pt --out grid.png
+
+(The module is ``tokens``, not ``tokenize``: a module of that name would stand for the
+standard library's ``tokenize`` wherever its folder is first on ``sys.path``.)
+"""
 
 from __future__ import annotations
 
@@ -6,30 +13,34 @@ import argparse
 from pathlib import Path
 
 import torch
-from _cli import (
+
+from pyro_vae import load_vae, plots
+from pyro_vae.data import ImageSet, stack_dataset
+from pyro_vae.devices import resolve_device
+from pyro_vae.errors import DataError, UsageError
+from pyro_vae.tokenizer import codebook_usage, tokenize_images
+
+from .common import (
     add_data_args,
     add_device_arg,
     check_figure_path,
     load_data,
     make_out_dir,
     require_positive,
+    run_main,
 )
 
-from pyro_vae import load_vae, plots
-from pyro_vae.data import ImageSet, stack_dataset
-from pyro_vae.engine import resolve_device
-from pyro_vae.errors import DataError, UsageError
-from pyro_vae.tokenizer import codebook_usage, tokenize_images
+#: the command's name, in ``pyro-vae tokenize``.
+COMMAND = "tokenize"
+SUMMARY = "Tokenize a data split with a discrete VAE, or decode a token file."
 
 #: marks a token file as ours, like the checkpoint format tag.
 TOKENS_FORMAT = "pyro_vae.tokens"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tokenize.py",
-        description="Tokenize a data split with a discrete VAE, or decode a token file.",
-    )
+def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
+    """The options of ``pyro-vae tokenize`` (and of ``scripts/tokenize.py``)."""
+    p = argparse.ArgumentParser(prog=prog, description=SUMMARY)
     p.add_argument("--checkpoint", type=Path, required=True, help="a relaxed-categorical VAE")
     p.add_argument("--split", choices=["train", "test"], default="test")
     p.add_argument("--limit", type=int, help="tokenize the first N images only")
@@ -47,12 +58,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
+    """Write a token file of a data split, or with ``--decode`` a picture of a token file."""
     require_positive(args, "limit", "count", "batch_size")
     if args.decode is not None:
         check_figure_path(args.out, "one picture")
     elif args.out.is_dir():
         raise UsageError(
-            f"--out {args.out} is a folder; tokenize.py writes one file: "
+            f"--out {args.out} is a folder; this writes one file: "
             f"name it, e.g. --out {args.out / 'tokens.pt'}"
         )
     else:
@@ -113,7 +125,7 @@ def decode(vae, args: argparse.Namespace) -> None:
 
 
 def load_tokens(path: Path) -> dict:
-    """A token file written by this script, checked to be one."""
+    """A token file written by this command, checked to be one."""
     if not path.is_file():
         raise DataError(f"token file {path} does not exist")
     try:
@@ -121,5 +133,10 @@ def load_tokens(path: Path) -> dict:
     except Exception:  # zip, pickle and EOF errors all mean "not a token file"
         raise DataError(f"{path} is not a readable token file") from None
     if not isinstance(record, dict) or record.get("format") != TOKENS_FORMAT:
-        raise DataError(f"{path} is a torch file but not a token file of tokenize.py")
+        raise DataError(f"{path} is a torch file but not a token file of pyro-vae tokenize")
     return record
+
+
+def run(argv: list[str] | None = None, prog: str = f"pyro-vae {COMMAND}") -> int:
+    """``pyro-vae tokenize`` with ``argv`` (default: the command line); the exit status."""
+    return run_main(main, parser(prog), argv)
