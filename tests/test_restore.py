@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pyro_vae import VAE, fit, plots, save_checkpoint
+from pyro_vae import VAE, Run, fit, plots, save_checkpoint
 from pyro_vae.errors import UsageError
 from pyro_vae.inverse import (
     downsample,
@@ -34,7 +34,8 @@ def fitted(mnist_train) -> VAE:
     """A small MNIST VAE fitted for a few seconds: 470 steps, sharp enough to matter."""
     pyro.set_rng_seed(0)
     vae = VAE(name="sr", latent_dim=16, hidden=256)
-    fit(vae, mnist_train.images[:10000], epochs=3, batch_size=64, device="cpu", progress=False)
+    run = Run(epochs=3, accelerator="cpu", progress=False)
+    fit(vae, mnist_train.images[:10000], batch_size=64, run=run)
     return vae
 
 
