@@ -117,6 +117,23 @@ def test_a_device_and_an_accelerator_that_disagree_are_one_line(tmp_path, capsys
     assert_one_line_error(code, err, "--device cpu and --accelerator cuda disagree")
 
 
+def test_a_lost_process_is_one_line_naming_the_checkpoint(mnist_dir, tmp_path, capsys, monkeypatch):
+    """What a process of a DDP run sees when another is killed (tests/test_engine.py runs
+    the real thing): one line, no gloo traceback, and how to resume."""
+    from pyro_vae.errors import ProcessLostError
+
+    def lost(*args, **kwargs):
+        raise ProcessLostError(
+            "process 0 lost contact with another process of the run "
+            "(Connection reset by peer); the last checkpoint is c.pt"
+        )
+
+    monkeypatch.setattr(fit_cli, "fit_vae", lost)
+    code, _, err = pyro_vae(capsys, "fit", "--data-dir", mnist_dir, *TINY, "--out", tmp_path / "r")
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "lost contact with another process" in err and "c.pt" in err
+
+
 # ---------------------------------------------------------------- replaying a run
 @pytest.fixture(scope="module")
 def fitted_run(mnist_dir, tmp_path_factory) -> Path:

@@ -23,7 +23,13 @@ from typing import NoReturn
 from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.data import ImageFolder, load_mnist, split_folder, stack_dataset
 from pyro_vae.devices import resolve_device
-from pyro_vae.errors import CheckpointError, DataError, TrainingDivergedError, UsageError
+from pyro_vae.errors import (
+    CheckpointError,
+    DataError,
+    ProcessLostError,
+    TrainingDivergedError,
+    UsageError,
+)
 from pyro_vae.history import History
 from pyro_vae.run import LR_SCHEDULES, PRECISIONS, Run
 
@@ -45,7 +51,9 @@ def run_main(
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run ``main``; return the exit status.
 
     User mistakes (:data:`USER_ERRORS`), in the options or found during the work, become
-    one ``<prog>: error: ...`` line on stderr and status 2, like argparse's own errors.
+    one ``<prog>: error: ...`` line on stderr and status 2, like argparse's own errors; a
+    process of a multi-process run that was lost (:class:`ProcessLostError`) one line and
+    status 1.
 
     :param command: the command's name in ``config.json`` (``"fit"``, ``"fit-ssvae"``)
         for the commands that take ``--config`` (see :func:`parse_args`).
@@ -56,6 +64,9 @@ def run_main(
     except USER_ERRORS as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    except ProcessLostError as error:  # not the user's mistake, but no traceback helps
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
