@@ -82,15 +82,15 @@ def parse_args(
     ``--resume`` (a replay starts a new run unless the command line says ``--resume``)
     and ``--config`` itself. ``--out`` is the one on the command line if given, else the
     config's; the latter holds run x already, so it takes ``--resume`` to continue it
-    (:func:`run_checkpoint` says so), and ``args._out_from_config`` records the case.
+    (:func:`run_checkpoint` says so), and ``args.out_from_config`` records the case.
     """
     args = parser.parse_args(argv)
     if getattr(args, "config", None) is None:
         return args
     saved = read_run_config(args.config, command)
-    options = {k: v for k, v in saved["args"].items() if k not in ("config", "resume")}
-    options.pop("out", None)
-    known = {action.dest for action in parser._actions} - {"help"}
+    skipped = ("config", "resume", "out", "out_from_config")
+    options = {k: v for k, v in saved["args"].items() if k not in skipped}
+    known = set(vars(args))  # every option's destination, given or not
     unknown = sorted(set(options) - known)
     if unknown:
         raise UsageError(
@@ -100,8 +100,8 @@ def parse_args(
     not_given = object()  # tells an --out on the command line from none
     parser.set_defaults(**options, out=not_given)
     args = parser.parse_args(argv)
-    args._out_from_config = args.out is not_given
-    if args._out_from_config:
+    args.out_from_config = args.out is not_given
+    if args.out_from_config:
         out = saved["args"].get("out")
         args.out = None if out is None else Path(out)
     return args
@@ -117,6 +117,7 @@ def add_config_arg(parser: argparse.ArgumentParser) -> None:
         "given here override it. The run goes to --out if given, else to the config's "
         "folder (which then needs --resume)",
     )
+    parser.set_defaults(out_from_config=False)  # set by parse_args for a replay
 
 
 def read_run_config(path: Path, command: str | None = None) -> dict:

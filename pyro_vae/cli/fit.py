@@ -50,7 +50,31 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
     """The options of ``pyro-vae fit`` (and of ``scripts/fit.py``)."""
     p = argparse.ArgumentParser(prog=prog, description=SUMMARY)
     add_config_arg(p)
-    model = p.add_argument_group("model")
+    add_model_args(p.add_argument_group("model"))
+    train = p.add_argument_group("training")
+    add_loop_args(train, epochs=10)
+    add_objective_args(train)
+    train.add_argument(
+        "--iwae-particles",
+        type=int,
+        default=100,
+        help="relaxed-categorical: particles of the test IWAE bound (0: skip it)",
+    )
+    train.add_argument("--limit", type=int, help="train on the first N images only")
+    train.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
+    train.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (a line per epoch instead)"
+    )
+    add_data_args(p)
+    add_engine_args(p)
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, help="run folder (default runs/<likelihood>-<arch>)")
+    out.add_argument("--resume", action="store_true", help="continue the run in --out")
+    return p
+
+
+def add_model_args(model) -> None:
+    """The model's options, each named after its :class:`VAEConfig` field."""
     model.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli")
     model.add_argument("--arch", choices=ARCHS, default="mlp")
     model.add_argument("--latent-dim", type=int, default=50)
@@ -66,8 +90,10 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
     model.add_argument(
         "--straight-through", action="store_true", help="straight-through Gumbel-softmax"
     )
-    train = p.add_argument_group("training")
-    add_loop_args(train, epochs=10)
+
+
+def add_objective_args(train) -> None:
+    """The VAE objective's options: batch, KL weight, estimator, compile, temperature."""
     train.add_argument("--batch-size", type=int, default=256)
     train.add_argument("--beta", type=float, default=1.0, help="KL weight (1 = the ELBO)")
     train.add_argument("--warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
@@ -95,23 +121,6 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
     train.add_argument(
         "--temperature-anneal", type=float, help="epochs to reach the floor (default: all)"
     )
-    train.add_argument(
-        "--iwae-particles",
-        type=int,
-        default=100,
-        help="relaxed-categorical: particles of the test IWAE bound (0: skip it)",
-    )
-    train.add_argument("--limit", type=int, help="train on the first N images only")
-    train.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
-    train.add_argument(
-        "--no-progress", action="store_true", help="no progress bars (a line per epoch instead)"
-    )
-    add_data_args(p)
-    add_engine_args(p)
-    out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, help="run folder (default runs/<likelihood>-<arch>)")
-    out.add_argument("--resume", action="store_true", help="continue the run in --out")
-    return p
 
 
 def main(args: argparse.Namespace) -> None:
@@ -127,7 +136,7 @@ def main(args: argparse.Namespace) -> None:
         )
     args.out = out = args.out or Path("runs") / f"{args.likelihood}-{args.arch}"
     settings = run_from_args(args, out)
-    run_checkpoint(out, args.resume, getattr(args, "_out_from_config", False))
+    run_checkpoint(out, args.resume, args.out_from_config)
     train, test = load_data(args)
     if isinstance(train, ImageSet):
         train = train.head(args.limit).images

@@ -95,36 +95,13 @@ def main(args: argparse.Namespace) -> None:
     """
     require_positive(args, "labels_per_class", "epochs", "batch_size", "limit", "test_limit")
     settings = run_from_args(args, args.out)
-    run_checkpoint(args.out, args.resume, getattr(args, "_out_from_config", False))
-    if args.all_codes and args.base is None:
-        raise UsageError("--all-codes chooses the codes of a --base VAE; pass --base too")
-    base = None
-    if args.base is not None:
-        if args.likelihood not in (None, "gaussian"):
-            raise UsageError("with --base, M2 models continuous codes: --likelihood gaussian")
-        base = load_vae(args.base)
+    run_checkpoint(args.out, args.resume, args.out_from_config)
     train = load_mnist(args.data_dir, "train").head(args.limit)
     test = load_mnist(args.data_dir, "test").head(args.test_limit)
     chosen = balanced_labels(train.labels, args.labels_per_class, args.seed)
     unlabelled = torch.ones(len(train), dtype=torch.bool)
     unlabelled[chosen] = False
-    config = VAEConfig(
-        likelihood=args.likelihood or "bernoulli",
-        latent_dim=args.latent_dim,
-        hidden=args.hidden,
-        depth=args.depth,
-        name="ssvae",
-    )
-    code_dims = None
-    if base is not None:  # codes of about unit scale, with a sigma learned per dimension
-        config = replace(config, likelihood="gaussian", gaussian_sigma="pixel", sigma_init=0.5)
-        if not args.all_codes:
-            code_dims = active_code_dims(base, train.images)
-    pyro.set_rng_seed(args.seed)  # before the model: its initial weights are random too
-    ssvae = SSVAE(config, base=base, code_dims=code_dims)
-    if base is not None:
-        size = base.config.latent_dim
-        print(f"M2 models {len(ssvae.code_dims)} of the base's {size} code dimensions")
+    ssvae = build_ssvae(args, train.images)
     write_run_config(args.out, COMMAND, model_config(ssvae), settings, args)
 
     start = time.perf_counter()
@@ -144,25 +121,62 @@ def main(args: argparse.Namespace) -> None:
     )
     if history.rank == 0:  # the other processes of a data-parallel run write nothing
         history.write_csv(args.out / "history.csv")
-        accuracies = history.column("test_accuracy") if history.epochs else []
-        metrics = {
-            "test_accuracy": accuracies[-1] if accuracies else None,
-            "labelled_images": int(chosen.numel()),
-            "unlabelled_images": int(unlabelled.sum()),
-            "test_images": len(test),
-            "base": None if args.base is None else str(args.base),
-            "code_dims": ssvae.code_dims,
-            "epochs": len(history.epochs),
-            "interrupted": interrupted,
-            "wall_seconds": time.perf_counter() - start,
-            "accelerator": history.device.split(":")[0],  # what it ran on, never "auto"
-            "processes": args.devices,
-        }
+        metrics = run_metrics(args, ssvae, history, interrupted)
+        metrics.update(
+            labelled_images=int(chosen.numel()),
+            unlabelled_images=int(unlabelled.sum()),
+            test_images=len(test),
+            wall_seconds=time.perf_counter() - start,
+        )
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if interrupted:
         report_interrupt(settings, history)
     if history.rank == 0:
         print(f"test accuracy {metrics['test_accuracy']}; wrote {args.out}/")
+
+
+def build_ssvae(args: argparse.Namespace, images: torch.Tensor) -> SSVAE:
+    """The M2 model the options describe: on the images, or stacked on ``--base``'s codes
+    (its active code dimensions, found on ``images``, unless ``--all-codes``)."""
+    if args.all_codes and args.base is None:
+        raise UsageError("--all-codes chooses the codes of a --base VAE; pass --base too")
+    base = None
+    if args.base is not None:
+        if args.likelihood not in (None, "gaussian"):
+            raise UsageError("with --base, M2 models continuous codes: --likelihood gaussian")
+        base = load_vae(args.base)
+    config = VAEConfig(
+        likelihood=args.likelihood or "bernoulli",
+        latent_dim=args.latent_dim,
+        hidden=args.hidden,
+        depth=args.depth,
+        name="ssvae",
+    )
+    code_dims = None
+    if base is not None:  # codes of about unit scale, with a sigma learned per dimension
+        config = replace(config, likelihood="gaussian", gaussian_sigma="pixel", sigma_init=0.5)
+        if not args.all_codes:
+            code_dims = active_code_dims(base, images)
+    pyro.set_rng_seed(args.seed)  # before the model: its initial weights are random too
+    ssvae = SSVAE(config, base=base, code_dims=code_dims)
+    if base is not None:
+        size = base.config.latent_dim
+        print(f"M2 models {len(ssvae.code_dims)} of the base's {size} code dimensions")
+    return ssvae
+
+
+def run_metrics(args: argparse.Namespace, ssvae: SSVAE, history, interrupted: bool) -> dict:
+    """``metrics.json``'s figures of the run: the last accuracy and how the run went."""
+    accuracies = history.column("test_accuracy") if history.epochs else []
+    return {
+        "test_accuracy": accuracies[-1] if accuracies else None,
+        "base": None if args.base is None else str(args.base),
+        "code_dims": ssvae.code_dims,
+        "epochs": len(history.epochs),
+        "interrupted": interrupted,
+        "accelerator": history.device.split(":")[0],  # what it ran on, never "auto"
+        "processes": args.devices,
+    }
 
 
 def model_config(ssvae: SSVAE) -> dict:
