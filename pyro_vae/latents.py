@@ -2,6 +2,10 @@
 
 A family also says how wide the encoder's output and the decoder's input are, so the
 networks are sized from it rather than from the latent dimension directly.
+
+Some draws carry what scoring them cheaply and exactly needs (their noise, their log,
+the relaxed sample behind a straight-through code) as attributes of the tensor, each
+named ``pyro_vae_*`` so that it cannot collide with torch's or Pyro's own.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import torch.nn.functional as F
 from pyro.distributions.relaxed_straight_through import QuantizeCategorical
 from torch import nn
 from torch.distributions import Distribution, kl_divergence, register_kl
-from torch.distributions.utils import _standard_normal
 
+from . import internals
 from .config import VAEConfig
 from .errors import UsageError
 from .likelihoods import full_precision
@@ -72,15 +76,15 @@ class DiagonalNormal(_SameShapeNormal):
 
     def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
-        eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
+        eps = internals.standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
         value = self.loc + eps * self.scale
         # the version counter tells if the draw was changed in place since
-        value._noise = (self, eps, value._version)
+        value.pyro_vae_noise = (self, eps, internals.version(value))
         return value
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        owner, eps, version = getattr(value, "_noise", (None, None, None))
-        if owner is not self or version != value._version or self._validate_args:
+        owner, eps, version = getattr(value, "pyro_vae_noise", (None, None, None))
+        if owner is not self or self._validate_args or version != internals.version(value):
             return super().log_prob(value)
         return (eps * eps).mul(-0.5) - self.scale.log() - HALF_LOG_2PI
 
@@ -142,11 +146,11 @@ class RelaxedCategorical(dist.RelaxedOneHotCategorical):
     def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         log_y = self.base_dist.rsample(sample_shape)
         y = log_y.exp()
-        y._log_value = log_y
+        y.pyro_vae_log = log_y
         return y
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        log_y = getattr(value, "_log_value", None)
+        log_y = getattr(value, "pyro_vae_log", None)
         if log_y is None:
             log_y = value.clamp(min=torch.finfo(value.dtype).tiny).log()
         # ExpConcrete density of log y, plus the log-Jacobian of y = exp(x)
@@ -164,11 +168,18 @@ class RelaxedCategoricalStraightThrough(
     def rsample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         soft = super().rsample(sample_shape)
         hard = QuantizeCategorical.apply(soft)
-        hard._unquantize = soft
+        hard.pyro_vae_relaxed = soft
         return hard
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return super().log_prob(getattr(value, "_unquantize", value))
+        return super().log_prob(relaxed_sample(value))
+
+
+def relaxed_sample(code: torch.Tensor) -> torch.Tensor:
+    """The relaxed sample that a straight-through ``code`` was quantized from
+    (:class:`RelaxedCategoricalStraightThrough` keeps it with the code), or ``code`` itself
+    for any other tensor: what the relaxed densities score."""
+    return getattr(code, "pyro_vae_relaxed", code)
 
 
 @register_kl(RelaxedCategorical, RelaxedCategorical)

@@ -28,14 +28,14 @@ from pyro.nn import PyroModule, pyro_method
 from pyro.params.param_store import param_with_module_name
 from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.replay_messenger import ReplayMessenger
-from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import is_validation_enabled as poutine_validation_enabled
 from torch.distributions import kl_divergence
 
+from . import internals
 from .config import VAEConfig
 from .errors import DataError, UsageError
-from .latents import CategoricalLatent, make_latent
+from .latents import CategoricalLatent, GaussianLatent, make_latent
 from .likelihoods import make_likelihood, total_log_prob
 from .nets import (
     ConvDecoder,
@@ -47,6 +47,14 @@ from .nets import (
 )
 
 _Program = TypeVar("_Program", bound=Callable)
+
+
+class SiteShapeError(UsageError):
+    """A site of the VAE's program would hold another batch of data points than the batch
+    (a network of your own that adds or drops a dimension of its output):
+    :meth:`VAE.elbo_loss` computes only the batch shape the package's networks give, where
+    Pyro's ELBO would broadcast the site over the data plate, or, under validation,
+    refuse it. The fused ELBO classes leave such a program to Pyro."""
 
 
 def pyro_program(fn: _Program) -> _Program:
@@ -125,26 +133,29 @@ class NamedSites:
             for p, flag in zip(self.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
 
-    def _claim_param_store(self) -> None:
+    def _claim_param_store(self) -> bool:
         """Store this module's own weights under its parameter names in Pyro's param store,
-        replacing tensors that another module of the same name left there."""
+        replacing tensors that another module of the same name left there.
+
+        Returns whether the store now holds every weight of the plain submodules under its
+        name and all of them train: then the ``pyro.module`` statements of the model and
+        guide would change nothing in the store (they register only missing names, and
+        warn only of frozen weights), so a caller with no Pyro handler active may skip them.
+        """
         if pyro.settings.get("module_local_params"):
-            return
-        store = pyro.get_param_store()
-        claimed = []
+            return False  # Pyro keeps each module's parameters apart; nothing to claim
+        named, frozen = [], False
+        own_name = internals.pyro_module_name(self)
         for child_name, child in self.named_children():
             if isinstance(child, PyroModule):
                 continue
-            prefix = f"{self._pyro_name}.{child_name}"  # as PyroModule names it
-            for param_name, param in child.named_parameters():
-                name = param_with_module_name(prefix, param_name)
-                held = store._params.get(name)
-                if held is not None and held is not param and param.requires_grad:
-                    # the same bookkeeping PyroModule does when it registers a parameter
-                    store._params[name] = param
-                    store._param_to_name.pop(held, None)
-                    store._param_to_name[param] = name
-                    claimed.append(name)
+            prefix = f"{own_name}.{child_name}"  # as PyroModule names it
+            for param_name, param in child.named_parameters():  # as pyro.module lists them
+                if param.requires_grad:  # pyro.module registers only these
+                    named.append((param_with_module_name(prefix, param_name), param))
+                else:
+                    frozen = True
+        claimed, complete = internals.claim_params(pyro.get_param_store(), named)
         if claimed and not self._warned_store:
             self._warned_store = True
             warnings.warn(
@@ -154,6 +165,7 @@ class NamedSites:
                 f"give each its own name (VAEConfig(name=...), load_vae(..., name=...)).",
                 stacklevel=3,
             )
+        return complete and not frozen
 
     @staticmethod
     def _plate_size(batch: int, num_data: int | None) -> int:
@@ -322,7 +334,8 @@ class VAE(NamedSites, PyroModule):
         ):
             return False
         return any(
-            isinstance(handler, TraceMessenger) and handler.param_only for handler in _PYRO_STACK
+            isinstance(handler, TraceMessenger) and handler.param_only
+            for handler in internals.pyro_handlers()
         )
 
     def _plate(
@@ -367,7 +380,7 @@ class VAE(NamedSites, PyroModule):
 
     def _conditioned_batch(self) -> int:
         """How many images a z given by ``poutine.condition`` or ``replay`` holds."""
-        for handler in reversed(_PYRO_STACK):
+        for handler in reversed(internals.pyro_handlers()):
             value = None
             if isinstance(handler, ConditionMessenger):
                 data = handler.data
@@ -452,8 +465,11 @@ class VAE(NamedSites, PyroModule):
         distributions that :meth:`guide` and :meth:`model` sample and score, with no Pyro
         tracing: the loss that ``Trace_ELBO().differentiable_loss(vae.model, vae.guide, x,
         num_data=num_data)`` returns (``TraceMeanField_ELBO``'s with ``analytic_kl``), in
-        value and gradient, from the same random draw. :mod:`pyro_vae.fused` offers it to
-        ``SVI`` as an ELBO class; a training loop may call it directly.
+        value and gradient, from the same random draw, for a VAE that :meth:`can_fuse`
+        (for any other, Pyro's loss is another one). :mod:`pyro_vae.fused` offers it to
+        ``SVI`` as an ELBO class, through :meth:`fused_elbo_loss`, which also makes the
+        model's and guide's param statements; a training loop that optimizes
+        ``vae.parameters()`` itself may call it directly.
 
         As Pyro does, it draws one ``z ~ q(z | x)`` (the guide, run first), then scores it
         under the prior and ``x`` under the decoder's likelihood (the model, which draws
@@ -499,16 +515,128 @@ class VAE(NamedSites, PyroModule):
         if temperature is not None and hasattr(latent, "temperature"):
             relax["temperature"] = temperature
         q = latent.posterior(self.encoder(x), **relax)
+        _check_site(self.z_site, q, batch)  # before the draw
         # the one draw of a step, as the guide's sample statement makes it. Scoring must see
         # this very tensor: a straight-through code carries the relaxed sample it came from.
         z = q.rsample()
         p = latent.prior(torch.Size((batch,)), x, **relax)
-        log_lik = total_log_prob(self.likelihood.distribution(self.decoder(z)), x)
+        likelihood = self.likelihood.distribution(self.decoder(z))
+        _check_site(self.x_site, likelihood, batch)
+        log_lik = total_log_prob(likelihood, x)
         if analytic_kl:
             latent_terms = -kl_divergence(q, p).sum()
         else:
             latent_terms = total_log_prob(p, z) - total_log_prob(q, z)
         return -(_scaled(latent_terms, z_scale) + _scaled(log_lik, x_scale))
+
+    # ----------------------------------------------------------------- the fused ELBO
+    def runs_own_program(self) -> bool:
+        """Whether calling this instance's :meth:`model` and :meth:`guide` runs the
+        package's own program and nothing else, so that :meth:`elbo_loss` computes what
+        Pyro's ELBO computes of them.
+
+        It asks what the *instance* will run, not only what its class defines: the class
+        overrides nothing of :class:`VAE` (it may add methods); no method or other callable
+        is replaced on the instance or on any of its modules; every submodule is a plain
+        (not Pyro) module of a class from ``torch.nn`` or of the package's networks,
+        likelihoods and latents, with no forward hook, and no forward hook is registered
+        for all modules; the VAE holds no ``PyroSample`` or ``PyroParam`` attribute; the
+        latent family is the package's own. A module of your own might hold a
+        ``pyro.sample``, ``PyroSample`` or ``pyro.factor`` statement, which the fused loss
+        would not see, so any of them answers False, and the fused ELBO leaves the program
+        to Pyro. It walks the modules on every call, since any of them may change between
+        two steps: about 15 microseconds for the default networks on a CPU.
+        """
+        if not _keeps_program(type(self)):
+            return False
+        if internals.has_pyro_attributes(self) or _has_callable_attribute(self):
+            return False
+        latent = vars(self).get("latent")  # a plain latent family; a module one is a child
+        if latent is not None and (type(latent) not in _LATENTS or _has_callable_attribute(latent)):
+            return False
+        if internals.has_global_forward_hooks():
+            return False
+        for module in self.modules():
+            if module is not self and (
+                not _plain_module_class(type(module))
+                or internals.has_forward_hooks(module)
+                or _has_callable_attribute(module)
+            ):
+                return False
+        return True
+
+    def can_fuse(self) -> bool:
+        """Whether :meth:`fused_elbo_loss` may compute this VAE's ELBO now: it runs its own
+        program (:meth:`runs_own_program`), it is not :meth:`frozen`, its KL weight is
+        positive (Pyro's scale handler refuses 0 and negative weights, and so must the
+        fused loss) and its codes are reparameterized (not a relaxed-categorical latent in
+        eval mode). :mod:`pyro_vae.fused` asks this before every loss."""
+        return self._fusion_obstacle() is None
+
+    def _fusion_obstacle(self) -> str | None:
+        """Why :meth:`can_fuse` is False (None when it is True); the cheap checks first."""
+        if self._frozen:
+            return "the VAE is frozen, so its weights make no param statements"
+        if not self._kl_weight > 0:  # NaN too
+            return (
+                f"its KL weight is {self._kl_weight}, and Pyro's scale handler accepts only "
+                "weights > 0"
+            )
+        if self._exact_codes:
+            return "its relaxed-categorical latent is in eval mode, drawing exact codes"
+        if not self.runs_own_program():
+            return (
+                "its model and guide run code of their own (a subclass's method, a module, "
+                "latent or likelihood of your own, a PyroSample, a replaced method or a hook)"
+            )
+        return None
+
+    def fused_elbo_loss(
+        self,
+        x: torch.Tensor,
+        *,
+        num_data: int | None = None,
+        analytic_kl: bool = False,
+        check: bool = True,
+    ) -> torch.Tensor:
+        """What Pyro's ``Trace_ELBO().differentiable_loss(vae.model, vae.guide, x,
+        num_data=num_data)`` (``TraceMeanField_ELBO``'s with ``analytic_kl``) computes, with
+        its effects on Pyro's param store: the loss of :meth:`elbo_loss`, at the weight of
+        :meth:`kl_weight`, computed as :meth:`model` and :meth:`guide` run.
+
+        As their Pyro-program wrapper does, it first claims the VAE's parameter names in
+        Pyro's param store (replacing a stale model's tensors of the same names, with a
+        warning), then runs inside the module's Pyro context, where reading each submodule
+        makes a ``pyro.module`` statement: with no handler active that registers the
+        weights in the param store, under ``SVI``'s parameter-only trace it records them,
+        as the model and guide would. What :mod:`pyro_vae.fused` computes.
+
+        :param check: ask :meth:`can_fuse` first; False only for a caller that has just
+            asked it (:mod:`pyro_vae.fused` does, to choose its route): a walk over the
+            modules, some microseconds, saved on each step.
+        :raises UsageError: where :meth:`can_fuse` is False, saying why; Pyro's ELBO
+            computes (or refuses) such a VAE itself.
+        """
+        obstacle = self._fusion_obstacle() if check else None
+        if obstacle is not None:
+            raise UsageError(
+                f"the fused ELBO cannot stand in for Pyro's here: {obstacle}; compute the loss "
+                "with Pyro's Trace_ELBO (or TraceMeanField_ELBO) of vae.model and vae.guide"
+            )
+        registered = self._claim_param_store()
+        if registered and not internals.pyro_handlers():
+            # nothing would record the param statements, and the store holds every weight
+            # already: running them (a few hundred microseconds) would change nothing
+            return self.elbo_loss(x, num_data=num_data, analytic_kl=analytic_kl)
+        return self._elbo_loss_with_param_statements(x, num_data, analytic_kl)
+
+    @pyro_method
+    def _elbo_loss_with_param_statements(
+        self, x: torch.Tensor, num_data: int | None, analytic_kl: bool
+    ) -> torch.Tensor:
+        """:meth:`elbo_loss` in the module's Pyro context, as ``pyro_method`` runs model and
+        guide: there, reading a submodule makes its ``pyro.module`` statement."""
+        return self.elbo_loss(x, num_data=num_data, analytic_kl=analytic_kl)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The decoder's mean image for each code; any leading dimensions are kept."""
@@ -542,6 +670,84 @@ class VAE(NamedSites, PyroModule):
                 "train one with latent 'relaxed-categorical'"
             )
         return self.latent
+
+
+#: the package's latent families, whose densities elbo_loss reproduces
+_LATENTS = (GaussianLatent, CategoricalLatent)
+#: the package's modules whose classes hold no Pyro statements (networks, likelihoods,
+#: latent families); with torch.nn's, what a VAE's submodules may be for the fused loss
+_PLAIN_PACKAGE_MODULES = ("pyro_vae.nets", "pyro_vae.likelihoods", "pyro_vae.latents")
+#: class attributes that describe a class rather than make up its program: a subclass of
+#: VAE has its own, and its own __init__ (what it builds is checked on the instance)
+_CLASS_METADATA = frozenset(
+    {
+        "__init__",
+        "__doc__",
+        "__module__",
+        "__qualname__",
+        "__dict__",
+        "__weakref__",
+        "__annotations__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__parameters__",
+        "__orig_bases__",
+        "__abstractmethods__",
+        "__slotnames__",  # copyreg caches it on a class that is deep-copied
+        "_abc_impl",
+    }
+)
+_MISSING = object()
+
+
+def _class_attribute(cls: type, name: str) -> object:
+    """What ``cls`` defines as ``name`` (the raw function, property or value, unbound), as
+    attribute lookup finds it along the MRO."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return vars(klass)[name]
+    return _MISSING
+
+
+@functools.cache
+def _keeps_program(cls: type) -> bool:
+    """Whether ``cls``, a subclass of VAE, leaves every attribute that VAE and its bases
+    define as they are: overriding any method (model, guide, a check, a context manager,
+    attribute access itself) may change what model and guide do. New methods are fine.
+    A question about the class, answered once."""
+    if cls is VAE:
+        return True
+    names = {name for klass in VAE.__mro__[:-1] for name in vars(klass)} - _CLASS_METADATA
+    return all(_class_attribute(cls, name) is _class_attribute(VAE, name) for name in names)
+
+
+@functools.cache
+def _plain_module_class(cls: type) -> bool:
+    """Whether modules of class ``cls`` make no Pyro statements: a class of ``torch.nn`` or
+    of the package's networks, likelihoods and latents, and not a Pyro module (whose
+    ``PyroSample`` attributes sample when they are read)."""
+    where = cls.__module__
+    plain = where == "torch.nn" or where.startswith("torch.nn.") or where in _PLAIN_PACKAGE_MODULES
+    return plain and not issubclass(cls, PyroModule)
+
+
+def _has_callable_attribute(obj: object) -> bool:
+    """Whether ``obj`` holds a function (or other callable) in its own ``__dict__``: a method
+    replaced on the instance (``decoder.forward = ...``), or a function it would call. The
+    package's modules and torch's keep none there."""
+    return any(map(callable, vars(obj).values()))
+
+
+def _check_site(name: str, distribution: dist.TorchDistribution, batch: int) -> None:
+    """Raise :class:`SiteShapeError` unless ``distribution`` holds one data point per image
+    of the batch, as the sites of the package's program do."""
+    if distribution.batch_shape != (batch,):
+        raise SiteShapeError(
+            f"site {name!r} has batch shape {tuple(distribution.batch_shape)}, but the batch "
+            f"holds {batch} data points (a network of your own returns outputs of another "
+            "shape than the package's): elbo_loss computes only the package's shapes; "
+            "Pyro's Trace_ELBO broadcasts the site over the data plate or refuses it"
+        )
 
 
 def _scaled(log_density: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:

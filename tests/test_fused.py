@@ -15,10 +15,14 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.nn import PyroModule, PyroParam, PyroSample
 
 from pyro_vae import VAE, DataError, UsageError
 from pyro_vae.fused import FusedTrace_ELBO, FusedTraceMeanField_ELBO
+from pyro_vae.latents import GaussianLatent
+from pyro_vae.likelihoods import BernoulliLikelihood
 from pyro_vae.ssvae import SSVAE
+from pyro_vae.vae import SiteShapeError
 
 #: (fused, Pyro's) pairs; the id says which estimator
 ESTIMATORS = {
@@ -384,6 +388,415 @@ def test_programs_it_does_not_recognise_run_through_pyro_unchanged(case, estimat
     assert outcomes[1] == outcomes[0]
 
 
+# ----------------------------------------------------------------- what the instance runs
+class FactorDecoder(torch.nn.Module):
+    """A decoder of your own with a ``pyro.factor`` statement: a penalty on its output."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.net = decoder
+
+    def forward(self, z):
+        params = self.net(z)
+        pyro.factor("penalty", -params.pow(2).mean())
+        return params
+
+
+class ShiftedDecoder(PyroModule):
+    """A Bayesian decoder: a shift of its output is a ``PyroSample``, a latent of the model
+    that the guide does not sample (``TraceMeanField_ELBO`` refuses such a model)."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.net = decoder
+        self.shift = PyroSample(pyro.distributions.Normal(0.0, 1.0).expand([1, 1, 1]).to_event(3))
+
+    def forward(self, z):
+        return self.net(z) + self.shift
+
+
+class NoisyEncoder(torch.nn.Module):
+    """An encoder with a ``pyro.sample`` statement of its own, in the guide."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.net = encoder
+
+    def forward(self, x):
+        return self.net(x) + 0.1 * pyro.sample("noise", pyro.distributions.Normal(0.0, 1.0))
+
+
+class PenalizedLikelihood(BernoulliLikelihood):
+    """A likelihood of your own (a subclass of the package's) with a ``pyro.factor``."""
+
+    def distribution(self, params):
+        pyro.factor("sharpness", -params.abs().mean())
+        return super().distribution(params)
+
+
+class PenalizedLatent(GaussianLatent):
+    """A latent family of your own (a plain object, as the package's Gaussian one is) whose
+    prior adds a ``pyro.factor``."""
+
+    def prior(self, batch_shape, like):
+        pyro.factor("prior_penalty", -like.new_ones(()))
+        return super().prior(batch_shape, like)
+
+
+class CheckedLatent(VAE):
+    """A subclass that overrides a check the model runs (no method of the old list of
+    program methods) and adds a factor there."""
+
+    def _check_latent(self, z, batch):
+        pyro.factor("vae.z_penalty", -z.pow(2).sum(-1))
+        super()._check_latent(z, batch)
+
+
+def own_decoder_factor() -> tuple[VAE, torch.Tensor]:
+    vae, x = small_vae()
+    vae.decoder = FactorDecoder(vae.decoder)
+    return vae, x
+
+
+def own_decoder_pyro_sample() -> tuple[VAE, torch.Tensor]:
+    vae, x = small_vae()
+    vae.decoder = ShiftedDecoder(vae.decoder)
+    return vae, x
+
+
+def own_encoder_sample() -> tuple[VAE, torch.Tensor]:
+    vae, x = small_vae()
+    vae.encoder = NoisyEncoder(vae.encoder)
+    return vae, x
+
+
+def own_likelihood_factor() -> tuple[VAE, torch.Tensor]:
+    vae, x = small_vae()
+    vae.likelihood = PenalizedLikelihood(event_dims=3)
+    return vae, x
+
+
+def own_latent_factor() -> tuple[VAE, torch.Tensor]:
+    vae, x = small_vae()
+    vae.latent = PenalizedLatent(vae.config.latent_dim)
+    return vae, x
+
+
+def forward_replaced_on_the_instance() -> tuple[VAE, torch.Tensor]:
+    vae, x = small_vae()
+    forward = vae.decoder.forward
+
+    def penalized(z):
+        params = forward(z)
+        pyro.factor("penalty", -params.pow(2).mean())
+        return params
+
+    vae.decoder.forward = penalized
+    return vae, x
+
+
+def forward_hook_with_a_factor() -> tuple[VAE, torch.Tensor]:
+    vae, x = small_vae()
+    vae.decoder.register_forward_hook(
+        lambda module, inputs, output: pyro.factor("penalty", -output.pow(2).mean())
+    )
+    return vae, x
+
+
+def subclass_check() -> tuple[VAE, torch.Tensor]:
+    return small_vae(CheckedLatent)
+
+
+OWN_STATEMENTS = {
+    f.__name__: f
+    for f in (
+        own_decoder_factor,
+        own_decoder_pyro_sample,
+        own_encoder_sample,
+        own_likelihood_factor,
+        own_latent_factor,
+        forward_replaced_on_the_instance,
+        forward_hook_with_a_factor,
+        subclass_check,
+    )
+}
+
+
+def outcome(elbo, vae: VAE, x: torch.Tensor, method: str = "differentiable_loss"):
+    """What ``elbo.method(vae.model, vae.guide, x, num_data=...)`` does from a known random
+    state: ``(loss, gradients)``, or the ``(type, message)`` of the error it raises; and
+    the messages of the warnings it gives."""
+    pyro.set_rng_seed(5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            loss = getattr(elbo, method)(vae.model, vae.guide, x, num_data=NUM_DATA)
+            if method == "differentiable_loss":
+                params = [p for p in vae.parameters() if p.requires_grad]
+                result = (loss.detach(), torch.autograd.grad(loss, params))
+            else:
+                result = loss
+        except Exception as error:
+            result = (type(error), str(error))
+    return result, sorted({str(w.message) for w in caught})
+
+
+def assert_same_outcome(fused, pyro_route) -> None:
+    """The same error and warnings, or equal losses and gradients and the same warnings."""
+    (result, messages), (expected, expected_messages) = fused, pyro_route
+    assert messages == expected_messages
+    if isinstance(expected, tuple) and isinstance(expected[0], torch.Tensor):
+        assert isinstance(result, tuple) and isinstance(result[0], torch.Tensor), result
+        assert_same(result, expected)
+    elif isinstance(expected, float):
+        assert result == pytest.approx(expected, rel=1e-6)
+    else:
+        assert result == expected
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("case", OWN_STATEMENTS)
+def test_a_vae_running_pyro_statements_of_its_own_is_computed_as_pyro_does(
+    case, estimator, no_fused
+):
+    """A VAE instance whose decoder, encoder, likelihood or latent was replaced by one with
+    its own ``pyro.sample``, ``PyroSample`` or ``pyro.factor``, whose decoder's forward was
+    replaced on the instance or given a hook, or whose class overrides a check the model
+    runs: the fused class leaves it to Pyro, so the loss, its gradients, its warnings and
+    its errors (``TraceMeanField_ELBO`` refuses model-only latents) are Pyro's."""
+    vae, x = OWN_STATEMENTS[case]()
+    assert not vae.runs_own_program()
+    fused_elbo, pyro_elbo = ESTIMATORS[estimator]
+    expected = outcome(pyro_elbo(), vae, x)
+    assert_same_outcome(outcome(fused_elbo(), vae, x), expected)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_plain_torch_module_in_place_of_a_network_is_still_fused(estimator, fused_calls):
+    """A decoder replaced by ``torch.nn`` layers makes no Pyro statement: still fused, and
+    still Pyro's loss and gradients."""
+    vae, x = small_vae()
+    vae.decoder = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.Unflatten(1, (1, 8, 8)))
+    assert vae.runs_own_program()
+    fused_elbo, pyro_elbo = ESTIMATORS[estimator]
+    expected = outcome(pyro_elbo(), vae, x)
+    assert_same_outcome(outcome(fused_elbo(), vae, x), expected)
+    assert len(fused_calls) == 1
+
+
+def misshapen_encoder() -> tuple[VAE, torch.Tensor]:
+    """An encoder whose output has an extra dimension: q(z | x) holds (batch, 1) points."""
+    vae, x = small_vae()
+    vae.encoder = torch.nn.Sequential(vae.encoder, torch.nn.Unflatten(1, (1, 6)))
+    return vae, x
+
+
+def misshapen_decoder() -> tuple[VAE, torch.Tensor]:
+    """A decoder whose output has an extra dimension: p(x | z) holds (batch, 1) points."""
+    vae, x = small_vae()
+    vae.decoder = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.Unflatten(1, (1, 1, 8, 8)))
+    return vae, x
+
+
+@pytest.mark.parametrize("validation", [True, False])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_network_that_changes_the_batch_shape_is_left_to_pyro(estimator, validation, fused_calls):
+    """A ``torch.nn`` encoder or decoder that adds a dimension: Pyro broadcasts the site over
+    the data plate, and under validation its site check refuses it; the fused class finds
+    the shape (the encoder's before the draw of z, the decoder's after it) and hands the
+    call to Pyro, which then raises its own error, or computes its own loss (from a later
+    random draw, where the decoder's shape was found after the fused route drew z)."""
+    fused_elbo, pyro_elbo = ESTIMATORS[estimator]
+    with pyro.validation_enabled(validation):
+        for make in (misshapen_encoder, misshapen_decoder):
+            vae, x = make()
+            assert vae.runs_own_program()  # plain torch modules: recognised, then refused
+            with pytest.raises(SiteShapeError, match="batch shape"):
+                vae.elbo_loss(x)
+            expected = outcome(pyro_elbo(), vae, x)
+            fused = outcome(fused_elbo(), vae, x)
+            if validation or make is misshapen_encoder:
+                assert_same_outcome(fused, expected)
+            else:
+                assert isinstance(fused[0][0], torch.Tensor) and fused[1] == expected[1]
+            if validation:
+                assert expected[0][0] is ValueError
+    assert len(fused_calls) == 4  # two direct calls, and the fused route tried twice
+
+
+@pytest.mark.parametrize("weight", [0.0, -0.5, float("nan")])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_kl_weight_that_pyro_refuses_is_refused_alike(weight, estimator, no_fused):
+    """Pyro's scale handler accepts only weights > 0: ``vae.kl_weight(0.0)`` or a negative
+    weight raises its ValueError on both routes (the fused class trained with them)."""
+    vae, x = small_vae()
+    fused_elbo, pyro_elbo = ESTIMATORS[estimator]
+    with vae.kl_weight(weight):
+        expected = outcome(pyro_elbo(), vae, x)
+        assert expected[0][0] is ValueError and "Expected scale > 0" in expected[0][1]
+        for method in ("differentiable_loss", "loss", "loss_and_grads"):
+            assert_same_outcome(outcome(fused_elbo(), vae, x, method), expected)
+
+
+def _store() -> list[tuple[str, int]]:
+    """The param store's names, in order, with the identity of the tensor each holds."""
+    return [(name, id(p)) for name, p in pyro.get_param_store().named_parameters()]
+
+
+@pytest.mark.parametrize("method", ["differentiable_loss", "loss", "loss_and_grads"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_with_no_handler_active_the_param_store_ends_as_pyro_leaves_it(
+    method, estimator, fused_calls
+):
+    """Called with no Pyro handler active, Pyro's ELBO registers the VAE's weights in the
+    param store (its model and guide make ``pyro.module`` statements); so does the fused
+    class: the same names, in the same order, holding the VAE's own tensors."""
+    vae, x = small_vae(likelihood="gaussian")
+    stores = []
+    for elbo_class in reversed(ESTIMATORS[estimator]):
+        pyro.clear_param_store()
+        getattr(elbo_class(), method)(vae.model, vae.guide, x, num_data=NUM_DATA)
+        stores.append(_store())
+    assert len(fused_calls) == 1
+    assert stores[1] == stores[0]
+    assert {i for _, i in stores[0]} == {id(p) for p in vae.parameters()}
+    # the next call finds every weight registered, and leaves the store as it is
+    getattr(ESTIMATORS[estimator][0](), method)(vae.model, vae.guide, x, num_data=NUM_DATA)
+    assert _store() == stores[0]
+
+
+@pytest.mark.parametrize("method", ["differentiable_loss", "loss", "loss_and_grads"])
+def test_with_no_handler_active_a_stale_model_of_the_same_name_is_replaced_with_a_warning(
+    method, fused_calls
+):
+    """A second VAE named like a first one whose weights are in the param store: Pyro's
+    route (the program's wrapper) points the names at the second VAE's weights, with a
+    warning; so does the fused class, with no handler active too."""
+    first = tiny_vae(image_shape=(1, 8, 8))
+    x = data_for(first)
+    Trace_ELBO().loss(first.model, first.guide, x)
+    stale = _store()
+    second = tiny_vae(image_shape=(1, 8, 8))
+    with pytest.warns(UserWarning, match="param store held parameters of another model"):
+        getattr(FusedTrace_ELBO(), method)(second.model, second.guide, x)
+    assert fused_calls
+    assert [name for name, _ in _store()] == [name for name, _ in stale]
+    assert {i for _, i in _store()} == {id(p) for p in second.parameters()}
+
+
+def test_a_weight_that_does_not_train_is_left_out_of_the_store_as_pyro_leaves_it(fused_calls):
+    """``pyro.module`` registers only weights that train, and warns of the others while the
+    module trains; with no handler active the fused class does the same."""
+    vae, x = small_vae(likelihood="gaussian")
+    vae.likelihood.raw_sigma.requires_grad_(False)
+    results = []
+    for elbo_class in (Trace_ELBO, FusedTrace_ELBO):
+        pyro.clear_param_store()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            elbo_class().loss(vae.model, vae.guide, x)
+        results.append((_store(), {str(w.message) for w in caught}))
+    assert results[1] == results[0]
+    assert any("requires_grad=False" in message for message in results[0][1])
+    assert len(fused_calls) == 1
+
+
+@pytest.mark.parametrize("validation", [True, False])
+@pytest.mark.parametrize("nesting", [0, 1])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_max_plate_nesting_behaves_as_in_pyro(nesting, validation, estimator, fused_calls):
+    """``max_plate_nesting=0`` leaves no room for the data plate: under validation Pyro's
+    site check raises, and so does the fused class (Pyro's route computes it); with 1,
+    the fused route computes Pyro's loss."""
+    vae, x = small_vae()
+    fused_elbo, pyro_elbo = ESTIMATORS[estimator]
+    with pyro.validation_enabled(validation):
+        expected = outcome(pyro_elbo(max_plate_nesting=nesting), vae, x)
+        assert_same_outcome(outcome(fused_elbo(max_plate_nesting=nesting), vae, x), expected)
+    if nesting == 0 and validation:
+        assert expected[0][0] is ValueError and "plate stack overflow" in expected[0][1]
+    assert len(fused_calls) == nesting
+
+
+@pytest.mark.parametrize("method", ["differentiable_loss", "loss", "loss_and_grads"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_nan_loss_warns_as_pyro_warns_with_validation_off(method, estimator, fused_calls):
+    """With validation off, Pyro's ELBO still warns of a NaN loss; so does the fused class."""
+    vae, x = small_vae(likelihood="gaussian")
+    x[0, 0, 0, 0] = float("nan")
+    fused_elbo, pyro_elbo = ESTIMATORS[estimator]
+    with pyro.validation_enabled(False):
+        expected = outcome(pyro_elbo(), vae, x, method)
+        fused = outcome(fused_elbo(), vae, x, method)
+    assert "Encountered NaN: loss" in expected[1]
+    assert fused[1] == expected[1]
+    assert len(fused_calls) == 1
+
+
+# ----------------------------------------------------------------- the VAE's public seams
+@pytest.mark.parametrize("latent", LATENTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_configuration_runs_its_own_program(shape, latent):
+    vae = tiny_vae(**LATENTS[latent], **SHAPES[shape], likelihood="gaussian")
+    assert vae.runs_own_program() and vae.can_fuse()
+
+
+def test_runs_own_program_looks_at_what_the_instance_runs():
+    """Answers for the instance: PyroSample or PyroParam attributes, a callable set on a
+    module, a hook for all modules, a Pyro module, each makes it False."""
+    for change in (
+        lambda vae: setattr(vae, "extra", PyroSample(pyro.distributions.Normal(0.0, 1.0))),
+        lambda vae: setattr(vae, "offset", PyroParam(torch.zeros(()))),
+        lambda vae: setattr(vae.likelihood, "distribution", lambda params: None),
+        lambda vae: setattr(vae.latent, "prior", lambda *args: None),
+        lambda vae: setattr(vae, "_model_body", lambda *args, **kwargs: None),
+        lambda vae: setattr(vae.encoder, "net", PyroModule[torch.nn.Linear](64, 6)),
+        lambda vae: vae.encoder.register_forward_pre_hook(lambda module, inputs: None),
+    ):
+        vae, _ = small_vae()
+        assert vae.runs_own_program()
+        change(vae)
+        assert not vae.runs_own_program()
+    vae, _ = small_vae()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not vae.runs_own_program()
+    finally:
+        handle.remove()
+    assert vae.runs_own_program()
+
+
+def test_can_fuse_and_fused_elbo_loss_say_why_not():
+    """Frozen, a KL weight of 0, exact codes, a program of its own: ``can_fuse`` is False,
+    and ``fused_elbo_loss`` raises a UsageError that says why."""
+    vae, x = small_vae()
+    with vae.frozen():
+        assert not vae.can_fuse()
+        with pytest.raises(UsageError, match="frozen"):
+            vae.fused_elbo_loss(x)
+    with vae.kl_weight(0.0):
+        assert not vae.can_fuse()
+        with pytest.raises(UsageError, match="KL weight is 0.0"):
+            vae.fused_elbo_loss(x)
+    discrete, x = small_vae(latent="relaxed-categorical", groups=2, classes=3)
+    discrete.eval()
+    with pytest.raises(UsageError, match="eval mode"):
+        discrete.fused_elbo_loss(x)
+    vae, x = own_decoder_factor()
+    with pytest.raises(UsageError, match="code of their own"):
+        vae.fused_elbo_loss(x)
+
+
+def test_fused_elbo_loss_is_pyros_differentiable_loss():
+    vae, x = small_vae(likelihood="gaussian")
+    with vae.kl_weight(KL_WEIGHT):
+        expected = loss_and_grads(
+            vae, lambda: Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, num_data=50)
+        )
+        fused = loss_and_grads(vae, lambda: vae.fused_elbo_loss(x, num_data=50))
+    assert_same(fused, expected)
+
+
 # ----------------------------------------------------------------- SVI
 def _svi_run(elbo, steps: int = 3):
     """A fresh VAE (the same initial weights every time), trained by SVI for ``steps``."""
@@ -575,6 +988,21 @@ def test_total_log_prob_is_the_sum_of_log_prob_in_value_and_gradient():
         want = torch.autograd.grad(expected, params, retain_graph=True)[0]
         got = torch.autograd.grad(total, params, retain_graph=True)[0]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_straight_through_code_keeps_the_relaxed_sample_it_was_quantized_from():
+    """``relaxed_sample`` finds the relaxed draw behind a straight-through code, which its
+    density scores; any other tensor is its own relaxed sample."""
+    from pyro_vae.latents import RelaxedCategoricalStraightThrough, relaxed_sample
+
+    torch.manual_seed(0)
+    q = RelaxedCategoricalStraightThrough(torch.tensor(0.5), logits=torch.randn(4, 3))
+    code = q.rsample()
+    soft = relaxed_sample(code)
+    assert soft is not code and ((soft > 0) & (soft < 1)).all()
+    assert torch.equal(code, torch.nn.functional.one_hot(soft.argmax(-1), 3).to(code.dtype))
+    assert torch.equal(q.log_prob(code), q.log_prob(soft))
+    assert relaxed_sample(soft) is soft
 
 
 def test_the_quickly_built_distributions_behave_as_torchs():
