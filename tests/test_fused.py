@@ -1057,13 +1057,13 @@ def test_fits_elbo_module_sends_a_subclass_with_its_own_model_through_pyro(no_fu
 def test_compile_needs_a_fused_elbo():
     """compile=True compiles the fused loss, so it refuses Pyro's own classes ("-pyro"),
     which the user asked for by name, instead of compiling the fused loss in their place."""
-    from pyro_vae import fit
+    from pyro_vae import Run, fit
 
     x = torch.rand(8, 1, 8, 8).round()
+    run = Run(epochs=1, compile=True, progress=False, accelerator="cpu")
     for elbo in ("trace-pyro", "meanfield-pyro", "jit"):
         with pytest.raises(UsageError, match="compile"):
-            fit(tiny_vae(image_shape=(1, 8, 8)), x, epochs=1, elbo=elbo, compile=True,
-                progress=False, device="cpu")  # fmt: skip
+            fit(tiny_vae(image_shape=(1, 8, 8)), x, elbo=elbo, run=run)
 
 
 @pytest.mark.parametrize("name", ["trace", "meanfield"])
