@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
+from .internals import CpuAdam, spawns_processes
 from .run import Run
 
 
@@ -98,9 +99,7 @@ def make_fabric(run: Run, loggers: list | None = None):
 def spawns(fabric) -> bool:
     """Whether Fabric's launcher starts new processes by spawning (``ddp_spawn``): they then
     train copies of the model, whose weights must be sent back."""
-    from lightning_fabric.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
-    return isinstance(getattr(fabric.strategy, "launcher", None), _MultiProcessingLauncher)
+    return spawns_processes(fabric.strategy)
 
 
 def launched_by_cli() -> bool:
@@ -138,7 +137,7 @@ def set_up(fabric, module: nn.Module, lr: float) -> Setup:
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise UsageError("the model has no trainable parameters (is it frozen?)")
-    optimizer = _Adam(params, lr=lr, fused=_fusable(params))
+    optimizer = CpuAdam(params, lr=lr, fused=_fusable(params))
     wrapped, fabric_optimizer = fabric.setup(module, optimizer)
     scaler = getattr(fabric.strategy.precision, "scaler", None) is not None
     if passthrough(fabric):
@@ -155,34 +154,6 @@ def passthrough(fabric) -> bool:
 
     strategy = fabric.strategy
     return type(strategy) is SingleDeviceStrategy and type(strategy.precision) is Precision
-
-
-class _Adam(torch.optim.Adam):
-    """torch's Adam, without its per-step check for CUDA-graph capture when every parameter
-    is on the CPU, where no step can be captured.
-
-    That check asks ``torch.cuda.is_available()`` on every step. Importing Lightning sets
-    ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (so that asking does not initialise CUDA before a
-    fork), and with it, on a machine whose torch is built for CUDA but that trains on the
-    CPU, each question loads and initialises NVML: about 0.3 ms, some 3% of an MNIST step
-    (``docs/benchmarks.md``). On a GPU the answer is cached and the check runs as usual.
-    The two methods below are torch's hooks for that check (its name changed in torch
-    2.11); ``tests/test_engine.py`` counts the questions, so a renamed hook shows.
-    """
-
-    def __init__(self, params, **options):
-        super().__init__(params, **options)
-        self.all_on_cpu = all(
-            p.device.type == "cpu" for group in self.param_groups for p in group["params"]
-        )
-
-    def _accelerator_graph_capture_health_check(self) -> None:
-        if not self.all_on_cpu:
-            super()._accelerator_graph_capture_health_check()
-
-    def _cuda_graph_capture_health_check(self) -> None:  # its name before torch 2.11
-        if not self.all_on_cpu:
-            super()._cuda_graph_capture_health_check()
 
 
 def _fusable(params: list[torch.Tensor]) -> bool:

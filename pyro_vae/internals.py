@@ -104,3 +104,43 @@ def has_global_forward_hooks() -> bool:
         _torch_module._global_forward_hooks  # noqa: SLF001 where torch keeps them
         or _torch_module._global_forward_pre_hooks  # noqa: SLF001 (and the pre-hooks)
     )
+
+
+def spawns_processes(strategy) -> bool:
+    """Whether a Lightning Fabric ``strategy`` starts its processes by spawning or forking
+    from the calling one (``ddp_spawn``, ``ddp_fork``): they then train copies of the
+    model, whose weights must come back. Fabric tells only by its launcher's class, which
+    it keeps private."""
+    from lightning_fabric.strategies.launchers.multiprocessing import (
+        _MultiProcessingLauncher,  # noqa: PLC2701 Fabric's spawning launcher, named only here
+    )
+
+    return isinstance(getattr(strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+class CpuAdam(torch.optim.Adam):
+    """torch's Adam, without its per-step check for CUDA-graph capture when every parameter
+    is on the CPU, where no step can be captured.
+
+    That check asks ``torch.cuda.is_available()`` on every step. Importing Lightning sets
+    ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (so that asking does not initialise CUDA before a
+    fork), and with it, on a machine whose torch is built for CUDA but that trains on the
+    CPU, each question loads and initialises NVML: about 0.3 ms, some 3% of an MNIST step
+    (``docs/benchmarks.md``). On a GPU the answer is cached and the check runs as usual.
+    The two methods are torch's private hooks for that check (renamed in torch 2.11);
+    ``tests/test_engine.py`` counts the questions, so a renamed hook shows there.
+    """
+
+    def __init__(self, params, **options):
+        super().__init__(params, **options)
+        self.all_on_cpu = all(
+            p.device.type == "cpu" for group in self.param_groups for p in group["params"]
+        )
+
+    def _accelerator_graph_capture_health_check(self) -> None:
+        if not self.all_on_cpu:
+            super()._accelerator_graph_capture_health_check()
+
+    def _cuda_graph_capture_health_check(self) -> None:  # its name before torch 2.11
+        if not self.all_on_cpu:
+            super()._cuda_graph_capture_health_check()

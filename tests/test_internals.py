@@ -131,3 +131,13 @@ def test_standard_normal_draws_what_torchs_normal_draws(dtype):
     zeros = torch.zeros(shape, dtype=dtype)
     theirs = torch.distributions.Normal(zeros, torch.ones_like(zeros)).rsample()
     assert ours.dtype == dtype and torch.equal(ours, theirs)
+
+
+def test_spawns_processes_tells_fabrics_spawning_strategies_from_the_others():
+    from lightning_fabric import Fabric
+
+    from pyro_vae.internals import spawns_processes
+
+    assert spawns_processes(Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn").strategy)
+    assert not spawns_processes(Fabric(accelerator="cpu", devices=2, strategy="ddp").strategy)
+    assert not spawns_processes(Fabric(accelerator="cpu", devices=1).strategy)
