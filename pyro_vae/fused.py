@@ -60,18 +60,37 @@ def fused_loss(
 
     :param elbo: a Pyro ``Trace_ELBO``; a ``TraceMeanField_ELBO`` asks for analytic KL.
     """
+    if not _keeps_estimator(type(elbo)):
+        return None
+    if elbo.num_particles != 1 or elbo.vectorize_particles:
+        return None
+    if not elbo.max_plate_nesting >= 1:  # the data plate is at dim -1
+        return None
+    recognised = recognise(model, guide, args, kwargs)
+    if recognised is None:
+        return None
+    vae, x, num_data = recognised
+    analytic_kl = isinstance(elbo, TraceMeanField_ELBO)
+    # can_fuse() was asked just now: the loss need not ask again
+    return functools.partial(
+        vae.fused_elbo_loss, x, num_data=num_data, analytic_kl=analytic_kl, check=False
+    )
+
+
+def recognise(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict
+) -> tuple[VAE, torch.Tensor, int | None] | None:
+    """``(vae, x, num_data)`` when ``model`` and ``guide`` are ``vae.model`` and
+    ``vae.guide`` of one VAE that can compute its own loss (:meth:`~pyro_vae.VAE.can_fuse`),
+    called with a batch ``x`` (and optionally ``num_data``), and no Pyro handler is active
+    but ``SVI``'s parameter-only traces; else None. What every fused objective asks
+    first (:func:`fused_loss`, :class:`~pyro_vae.objectives.IWAE_ELBO`)."""
     vae = getattr(model, "__self__", None)
     if not isinstance(vae, VAE) or getattr(guide, "__self__", None) is not vae:
         return None
     if getattr(model, "__func__", None) is not VAE.model:
         return None
     if getattr(guide, "__func__", None) is not VAE.guide:
-        return None
-    if not _keeps_estimator(type(elbo)):
-        return None
-    if elbo.num_particles != 1 or elbo.vectorize_particles:
-        return None
-    if not elbo.max_plate_nesting >= 1:  # the data plate is at dim -1
         return None
     batch = _batch(args, kwargs)
     if batch is None:
@@ -82,12 +101,7 @@ def fused_loss(
         return None
     if not vae.can_fuse():
         return None
-    x, num_data = batch
-    analytic_kl = isinstance(elbo, TraceMeanField_ELBO)
-    # can_fuse() was asked just now: the loss need not ask again
-    return functools.partial(
-        vae.fused_elbo_loss, x, num_data=num_data, analytic_kl=analytic_kl, check=False
-    )
+    return vae, *batch
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.runtime import am_i_wrapped
 from torch import nn
 from torch.utils.data import Dataset
@@ -31,21 +31,35 @@ from .data import (
 )
 from .engine import Objective
 from .errors import DataError, UsageError
-from .fused import FusedTrace_ELBO, FusedTraceMeanField_ELBO, fused_loss
+from .fused import FusedTrace_ELBO, FusedTraceMeanField_ELBO, fused_loss, recognise
 from .history import EpochRecord, History
 from .likelihoods import GaussianLikelihood
+from .objectives import IWAE_ELBO
 from .run import Run
 
 #: fit's estimators. "trace" and "meanfield" are Pyro's Trace_ELBO and TraceMeanField_ELBO
 #: as subclasses that compute the package's own VAE without tracing it (pyro_vae.fused;
-#: equal in value and gradient, tested); the "-pyro" names are Pyro's own classes.
+#: equal in value and gradient, tested); the "-pyro" names are Pyro's own classes;
+#: "iwae" the importance-weighted bound (pyro_vae.objectives; 5 particles, IWAE gradient:
+#: pass an IWAE_ELBO for others).
 ELBOS = {
     "trace": FusedTrace_ELBO,
     "meanfield": FusedTraceMeanField_ELBO,
     "trace-pyro": Trace_ELBO,
     "meanfield-pyro": TraceMeanField_ELBO,
     "jit": JitTrace_ELBO,
+    "iwae": IWAE_ELBO,
 }
+
+
+def make_elbo(elbo: str | ELBO) -> ELBO:
+    """The ELBO ``fit`` trains with: one of :data:`ELBOS` by name, or a Pyro ELBO as given
+    (e.g. ``IWAE_ELBO(50, "dreg")``)."""
+    if isinstance(elbo, ELBO):
+        return elbo
+    if elbo not in ELBOS:
+        raise UsageError(f"unknown elbo {elbo!r}; choose one of: {', '.join(ELBOS)}")
+    return ELBOS[elbo]()
 
 
 def kl_weight_at(step: int, beta: float, warmup_steps: float) -> float:
@@ -116,7 +130,7 @@ def fit(
     batch_size: int = 256,
     beta: float = 1.0,
     warmup: float = 0.0,
-    elbo: str = "trace",
+    elbo: str | ELBO = "trace",
     temperature: Temperature | None = None,
     num_workers: int = 2,
     on_epoch: Callable[[EpochRecord], None] | None = None,
@@ -148,8 +162,13 @@ def fit(
         (:mod:`pyro_vae.fused`: the package's own VAE computed without Pyro's tracing, equal
         in value and gradient); "trace-pyro" and "meanfield-pyro" run Pyro's own classes;
         "jit" is ``JitTrace_ELBO``, which compiles the KL weight and the temperature as
-        constants, so it refuses a warm-up or an annealed temperature. ``run.compile``
-        needs "trace" or "meanfield".
+        constants, so it refuses a warm-up or an annealed temperature; "iwae" is the
+        per-image importance-weighted bound (:class:`~pyro_vae.objectives.IWAE_ELBO`, 5
+        particles). A Pyro ELBO instance is used as given, e.g. ``IWAE_ELBO(50, "dreg")``
+        for 50 particles and doubly-reparameterized gradients (computed for the package's
+        VAE without tracing, as the fused classes are). ``run.compile`` needs "trace" or
+        "meanfield". Under "iwae" the KL warm-up weighs the latent terms inside each log
+        weight (``log p(x|z) + beta (log p(z) - log q(z|x))``).
     :param temperature: the Concrete temperature schedule (:class:`Temperature`) of a
         relaxed-categorical latent.
     :param on_epoch: called (in the first process) with each epoch's record once its
@@ -185,8 +204,7 @@ def fit(
 
 def _check_options(vae, elbo, batch_size, beta, warmup, temperature: Temperature, run) -> None:
     """Refuse, before any work, options that cannot train this VAE, naming the fix."""
-    if elbo not in ELBOS:
-        raise UsageError(f"unknown elbo {elbo!r}; choose one of: {', '.join(ELBOS)}")
+    elbo = make_elbo(elbo)
     if batch_size < 1 or warmup < 0:
         raise UsageError(f"need batch_size >= 1 and warmup >= 0, got {batch_size} and {warmup}")
     if not beta > 0:
@@ -197,7 +215,7 @@ def _check_options(vae, elbo, batch_size, beta, warmup, temperature: Temperature
     if vae.is_frozen:
         raise UsageError("the VAE is frozen (inside vae.frozen()); fit it outside that block")
     anneals = hasattr(vae.latent, "temperature") and temperature.schedule != "constant"
-    if elbo == "jit" and (warmup > 0 or anneals):
+    if isinstance(elbo, JitTrace_ELBO) and (warmup > 0 or anneals):
         raise UsageError(
             "elbo='jit' compiles the KL weight and the Concrete temperature into its graph "
             "as constants, so a KL warm-up or an annealed temperature would stay at its "
@@ -218,18 +236,19 @@ class ELBOLoss(nn.Module):
     :param weight: the KL weight of the next step, set by the schedule.
     """
 
-    def __init__(self, vae, elbo: str, num_data: int, compile: bool | str = False):
+    def __init__(self, vae, elbo: str | ELBO, num_data: int, compile: bool | str = False):
         super().__init__()
         self.vae = vae
-        self.elbo = ELBOS[elbo]()
+        self.elbo = make_elbo(elbo)
         self.num_data = num_data
         self.weight = 1.0
         self.compile = compile
         self._analytic_kl = isinstance(self.elbo, TraceMeanField_ELBO)
+        self._iwae = isinstance(self.elbo, IWAE_ELBO)
         # the fused route, decided once: a fused ELBO class, and a program it recognises
-        fusing = isinstance(self.elbo, (FusedTrace_ELBO, FusedTraceMeanField_ELBO))
+        fusing = isinstance(self.elbo, (FusedTrace_ELBO, FusedTraceMeanField_ELBO, IWAE_ELBO))
         self._direct = fusing and self.fused()
-        if compile and not self._direct:
+        if compile and (self._iwae or not self._direct):
             raise UsageError(
                 "compile=True compiles the fused ELBO of the package's own VAE, so it needs "
                 f"elbo 'trace' or 'meanfield' (not {elbo!r}) and a VAE whose class does not "
@@ -240,6 +259,8 @@ class ELBOLoss(nn.Module):
         """Whether the fused ELBO computes this VAE (see :func:`pyro_vae.fused.fused_loss`)."""
         vae = self.vae
         probe = (torch.empty(0),), {"num_data": self.num_data}
+        if self._iwae:
+            return recognise(vae.model, vae.guide, *probe) is not None
         return fused_loss(self.elbo, vae.model, vae.guide, *probe) is not None
 
     def forward(self, x: torch.Tensor | engine.Batch) -> torch.Tensor:
@@ -251,11 +272,21 @@ class ELBOLoss(nn.Module):
             # what the fused ELBO's differentiable_loss computes for this VAE with no Pyro
             # handler active, minus the per-step recognition of the program (done once,
             # in __init__) and the KL-weight context: tens of microseconds a step
+            if self._iwae:
+                return self._iwae_loss(x)
             return self.vae.elbo_loss(
                 x, num_data=self.num_data, analytic_kl=self._analytic_kl, kl_weight=self.weight
             )
         with self.vae.kl_weight(self.weight):
             return self.elbo.differentiable_loss(model, guide, x, num_data=self.num_data)
+
+    def _iwae_loss(self, x: torch.Tensor) -> torch.Tensor:
+        elbo = self.elbo
+        loss, surrogate = self.vae.iwae_loss(
+            x, num_data=self.num_data, num_particles=elbo.num_particles,
+            estimator=elbo.estimator, kl_weight=self.weight,
+        )  # fmt: skip
+        return loss.detach() + (surrogate - surrogate.detach())
 
     def _programs(self):
         # bound once: JitTrace_ELBO keys its compiled graph on the programs' identity.
@@ -305,7 +336,7 @@ class VAEObjective(Objective):
         vae,
         held_out: HeldOut | None,
         *,
-        elbo: str,
+        elbo: str | ELBO,
         num_data: int,
         compile: bool | str = False,
         beta: float,

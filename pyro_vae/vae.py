@@ -617,6 +617,13 @@ class VAE(NamedSites, PyroModule):
         :raises UsageError: where :meth:`can_fuse` is False, saying why; Pyro's ELBO
             computes (or refuses) such a VAE itself.
         """
+        return self._as_program(
+            lambda: self.elbo_loss(x, num_data=num_data, analytic_kl=analytic_kl), check
+        )
+
+    def _as_program(self, loss: Callable, check: bool):
+        """``loss()`` with the param-store effects of :meth:`model` and :meth:`guide` (see
+        :meth:`fused_elbo_loss`), after asking :meth:`can_fuse` if ``check``."""
         obstacle = self._fusion_obstacle() if check else None
         if obstacle is not None:
             raise UsageError(
@@ -627,16 +634,83 @@ class VAE(NamedSites, PyroModule):
         if registered and not internals.pyro_handlers():
             # nothing would record the param statements, and the store holds every weight
             # already: running them (a few hundred microseconds) would change nothing
-            return self.elbo_loss(x, num_data=num_data, analytic_kl=analytic_kl)
-        return self._elbo_loss_with_param_statements(x, num_data, analytic_kl)
+            return loss()
+        return self._with_param_statements(loss)
 
     @pyro_method
-    def _elbo_loss_with_param_statements(
-        self, x: torch.Tensor, num_data: int | None, analytic_kl: bool
-    ) -> torch.Tensor:
-        """:meth:`elbo_loss` in the module's Pyro context, as ``pyro_method`` runs model and
-        guide: there, reading a submodule makes its ``pyro.module`` statement."""
-        return self.elbo_loss(x, num_data=num_data, analytic_kl=analytic_kl)
+    def _with_param_statements(self, loss: Callable):
+        """``loss()`` in the module's Pyro context, as ``pyro_method`` runs model and guide:
+        there, reading a submodule makes its ``pyro.module`` statement."""
+        return loss()
+
+    def iwae_loss(
+        self,
+        x: torch.Tensor,
+        *,
+        num_data: int | None = None,
+        num_particles: int = 5,
+        estimator: str = "iwae",
+        kl_weight: torch.Tensor | float | None = None,
+        temperature: torch.Tensor | float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, surrogate)`` of the per-image importance-weighted bound with
+        ``num_particles`` particles, computed straight from the distributions of
+        :meth:`guide` and :meth:`model`, with no Pyro tracing: what
+        :class:`~pyro_vae.objectives.IWAE_ELBO` computes for ``vae.model`` and
+        ``vae.guide``, in value and gradient, from the same random draws. The loss is
+        ``-sum_n L_k(x_n)`` scaled by ``num_data / batch``; the surrogate's gradient is
+        the ``estimator``'s ("iwae", "dreg", "stl"; see :mod:`pyro_vae.objectives`).
+
+        :param kl_weight: weight of the latent terms inside each log weight (default:
+            :meth:`kl_weight`'s); 1 is the bound.
+        """
+        from .objectives import ESTIMATORS, bound_and_surrogate
+
+        if estimator not in ESTIMATORS:
+            raise UsageError(f"unknown estimator {estimator!r}; choose one of: {ESTIMATORS}")
+        self._check_images(x)
+        if self._exact_codes:
+            raise UsageError(
+                "iwae_loss reparameterizes through z, but this relaxed-categorical VAE is in "
+                "eval mode, where its codes are exact one-hot draws; call vae.train() first"
+            )
+        latent, batch = self.latent, x.shape[0]
+        relax = {}
+        if temperature is not None and hasattr(latent, "temperature"):
+            relax["temperature"] = temperature
+        encoded = self.encoder(x)
+        q = latent.posterior(encoded, **relax)
+        z = q.rsample((num_particles,))  # (k, batch, *z_shape)
+        if estimator != "iwae":  # the guide's parameters held fixed in log q
+            q = latent.posterior(encoded.detach(), **relax)
+        p = latent.prior(torch.Size((batch,)), x, **relax)
+        log_lik = self.likelihood.distribution(self.decoder(z)).log_prob(x)
+        weight = self._kl_weight if kl_weight is None else kl_weight
+        log_w = log_lik + _scaled(p.log_prob(z) - q.log_prob(z), weight)
+        scale = self._plate_size(batch, num_data) / batch
+        return bound_and_surrogate(log_w, scale, estimator, [(z, 0, 1)])
+
+    def fused_iwae_loss(
+        self,
+        x: torch.Tensor,
+        *,
+        num_data: int | None = None,
+        num_particles: int = 5,
+        estimator: str = "iwae",
+        check: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`iwae_loss` with the param-store effects of running :meth:`model` and
+        :meth:`guide`, as :meth:`fused_elbo_loss` has them: what
+        :class:`~pyro_vae.objectives.IWAE_ELBO` computes for this VAE.
+
+        :param check: ask :meth:`can_fuse` first (see :meth:`fused_elbo_loss`).
+        """
+        return self._as_program(
+            lambda: self.iwae_loss(
+                x, num_data=num_data, num_particles=num_particles, estimator=estimator
+            ),
+            check,
+        )
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The decoder's mean image for each code; any leading dimensions are kept."""

@@ -20,6 +20,7 @@ from pyro_vae.data import ImageSet, fixed_preprocess
 from pyro_vae.errors import UsageError
 from pyro_vae.evaluate import bits_per_dim
 from pyro_vae.history import History
+from pyro_vae.objectives import ESTIMATORS, IWAE_ELBO
 from pyro_vae.tokenizer import discrete_metrics
 from pyro_vae.train import ELBOS, TEMPERATURE_SCHEDULES, Temperature
 from pyro_vae.train import fit as fit_vae
@@ -102,7 +103,20 @@ def add_objective_args(train) -> None:
         choices=list(ELBOS),
         help="default: trace; meanfield for relaxed-categorical (exact categorical KL); "
         "trace and meanfield are fused (no Pyro tracing, the same estimator), trace-pyro and "
-        "meanfield-pyro run Pyro's own classes",
+        "meanfield-pyro run Pyro's own classes; iwae the importance-weighted bound",
+    )
+    train.add_argument(
+        "--particles",
+        type=int,
+        metavar="K",
+        help="--elbo iwae: importance samples per image (default 5); memory grows with "
+        "batch size x K",
+    )
+    train.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        help="--elbo iwae: the gradient estimator: iwae (default), dreg (doubly "
+        "reparameterized, Tucker et al. 2019) or stl (sticking the landing)",
     )
     train.add_argument(
         "--compile",
@@ -129,7 +143,10 @@ def main(args: argparse.Namespace) -> None:
     On Ctrl-C the checkpoint is saved, ``history.csv`` and ``metrics.json`` are written
     for the finished epochs, and the command exits with status 130 (no pictures).
     """
-    require_positive(args, "epochs", "batch_size", "limit", "test_limit", "latent_dim", "hidden")
+    require_positive(
+        args, "epochs", "batch_size", "limit", "test_limit", "latent_dim", "hidden", "particles"
+    )
+    elbo = training_elbo(args)
     if args.iwae_particles < 0:
         raise UsageError(
             f"--iwae-particles must be 0 (no bound) or more, got {args.iwae_particles}"
@@ -166,7 +183,7 @@ def main(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             beta=args.beta,
             warmup=args.warmup,
-            elbo=args.elbo or ("meanfield" if args.latent == "relaxed-categorical" else "trace"),
+            elbo=elbo,
             temperature=temperature,
             num_workers=args.num_workers,
             on_epoch=epoch_printer(args),
@@ -186,6 +203,21 @@ def main(args: argparse.Namespace) -> None:
         f"wrote {out}/: config.json history.csv metrics.json checkpoint.pt loss.png "
         f"reconstructions.png samples.png{tokens} logs/"
     )
+
+
+def training_elbo(args: argparse.Namespace) -> str | IWAE_ELBO:
+    """The ELBO the options name: ``--elbo`` (by default "trace", "meanfield" for a
+    relaxed-categorical latent), or with ``--elbo iwae`` the importance-weighted bound
+    with ``--particles`` and ``--estimator``."""
+    name = args.elbo or ("meanfield" if args.latent == "relaxed-categorical" else "trace")
+    if name == "iwae":
+        return IWAE_ELBO(args.particles or 5, args.estimator or "iwae")
+    if args.particles is not None or args.estimator is not None:
+        raise UsageError(
+            "--particles and --estimator set the importance-weighted bound's particles and "
+            f"gradient estimator; they need --elbo iwae, not --elbo {name}"
+        )
+    return name
 
 
 def write_metrics(

@@ -1,0 +1,269 @@
+"""Importance-weighted training: the per-data-point IWAE bound as a Pyro ELBO.
+
+For each data point ``n`` of a plate, with ``k`` particles ``z_1..z_k ~ q(z | x_n)``,
+
+    L_k(x_n) = log (1/k) sum_i p(x_n, z_i) / q(z_i | x_n)
+
+is a lower bound on ``log p(x_n)`` that grows with ``k`` (Burda et al., 2016). The loss
+of a batch is ``-sum_n L_k(x_n)``, scaled by the plate's subsampling factor *outside*
+the log-sum-exp, so a mini-batch estimates the bound of the whole data set. (Pyro's
+``RenyiELBO(alpha=0)`` applies that factor to the log weights inside the log-sum-exp,
+which overstates the bound of a subsampled batch; ``tests/test_objectives.py`` shows the
+difference.)
+
+Three gradient estimators, chosen by ``estimator``:
+
+- ``"iwae"``: the gradient of ``L_k`` itself, as autograd gives it through the
+  reparameterized particles (Burda et al., 2016);
+- ``"dreg"``: the doubly-reparameterized gradient for the guide's parameters (Tucker et
+  al., 2019): the score term of ``log q`` is dropped (its parameters are held fixed in
+  ``log q``) and each particle's path gradient is weighted by its squared normalized
+  weight; the model's parameters get the IWAE gradient. Unlike the IWAE estimator, its
+  signal-to-noise ratio for the guide does not fall as ``k`` grows (Rainforth et al.,
+  2018);
+- ``"stl"``: "sticking the landing" (Roeder et al., 2017): the score term dropped, path
+  gradients weighted by the normalized weights; for ``k = 1`` the ELBO's path-only
+  estimator.
+
+A site's scale other than the plate's (a KL weight ``beta`` set with ``poutine.scale``,
+as :meth:`~pyro_vae.VAE.kl_weight` does) multiplies that site's log-density inside the
+log weight: ``log w = log p(x | z) + beta (log p(z) - log q(z | x))``, an annealed bound
+that is the IWAE bound at ``beta = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import detach
+from pyro.infer import ELBO
+from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_model_guide_match, warn_if_nan
+
+from .errors import UsageError
+
+#: the gradient estimators of :class:`IWAE_ELBO`.
+ESTIMATORS = ("iwae", "dreg", "stl")
+#: the name of the particle plate the objective wraps model and guide in.
+PARTICLES = "_pyro_vae_iwae_particles"
+
+
+class IWAE_ELBO(ELBO):
+    """The per-data-point importance-weighted bound (IWAE) with ``num_particles``
+    particles, as a Pyro ELBO: ``SVI(model, guide, optim, IWAE_ELBO(5, "dreg"))``.
+
+    It handles any model and guide whose sample sites all lie in one plate of data
+    points (other plates nested inside it are summed per data point) and whose guide
+    sites are reparameterizable; it refuses, naming the site, a global latent (a site
+    outside that plate), a guide site without ``rsample`` and an enumerated site. The
+    particles are vectorized in a plate outside the model's plates, so the model must
+    broadcast over a leading sample dimension (``pyro.plate`` does that for its sites).
+
+    :param num_particles: ``k``, the particles per data point (1 gives the ELBO).
+    :param estimator: "iwae", "dreg" or "stl" (see :mod:`pyro_vae.objectives`).
+    :param max_plate_nesting: the model's plate nesting; guessed once when not given.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 5,
+        estimator: str = "iwae",
+        max_plate_nesting: float = float("inf"),
+    ):
+        if estimator not in ESTIMATORS:
+            raise UsageError(
+                f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}"
+            )
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int):
+            raise UsageError(f"num_particles must be an integer, got {num_particles!r}")
+        if num_particles < 1:
+            raise UsageError(f"num_particles must be at least 1, got {num_particles}")
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+        self.estimator = estimator
+
+    def __repr__(self) -> str:
+        return f"IWAE_ELBO(num_particles={self.num_particles}, estimator={self.estimator!r})"
+
+    # ------------------------------------------------------------------ Pyro's interface
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The negative bound of the batch (scaled to the data set) as a float."""
+        with torch.no_grad():
+            value = torch_item(self._loss_and_surrogate(model, guide, args, kwargs)[0])
+        return warn_if_nan(value, "loss")
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """The negative bound as a tensor whose gradient is the chosen estimator's."""
+        loss, surrogate = self._loss_and_surrogate(model, guide, args, kwargs)
+        warn_if_nan(loss, "loss")
+        return loss.detach() + (surrogate - surrogate.detach())
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """The loss as a float, after adding the estimator's gradient to every trainable
+        parameter's ``.grad`` (what ``SVI.step`` calls)."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        return torch_item(loss)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("IWAE_ELBO weighs all particles at once; see log_weights")
+
+    # ------------------------------------------------------------------ the computation
+    def _loss_and_surrogate(self, model, guide, args, kwargs):
+        fused = _fused_route(self, model, guide, args, kwargs)
+        if fused is not None:
+            return fused()
+        log_w, scale, values = self.log_weights(model, guide, args, kwargs)
+        return bound_and_surrogate(log_w, scale, self.estimator, values)
+
+    def log_weights(self, model, guide, args: tuple, kwargs: dict):
+        """``(log_w, scale, guide_values)``: the ``(k, batch)`` log weights (the guide's
+        log-densities with parameters held fixed under "dreg" and "stl"), the plate's
+        subsampling scale, and the guide's sampled values, each with where its particle
+        and data dimensions are (what "dreg" needs to reweight their gradients).
+        """
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        nesting = int(self.max_plate_nesting)
+        particles = pyro.plate(PARTICLES, self.num_particles, dim=-(nesting + 1))
+        guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, nesting + 1)
+        model_trace = prune_subsample_sites(model_trace)
+        guide_trace = prune_subsample_sites(guide_trace)
+        plate = _data_plate(model_trace, guide_trace)
+        scale = plate.full_size / plate.size if plate.full_size is not None else 1.0
+        fixed_q = self.estimator in ("dreg", "stl")
+        log_w, values = 0.0, []
+        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+            for site in _sample_sites(trace):
+                if sign < 0:
+                    _check_guide_site(site)
+                    right = site["value"].dim() - site["fn"].event_dim  # batch dims end here
+                    values.append((site["value"], right - nesting - 1, right + plate.dim))
+                fn = detach(site["fn"]) if sign < 0 and fixed_q else site["fn"]
+                log_p = _per_point(site, fn.log_prob(site["value"]), nesting + 1, plate.dim)
+                log_w = log_w + sign * _site_weight(site, scale) * log_p
+        return log_w, scale, values
+
+
+def bound_and_surrogate(
+    log_w: torch.Tensor, scale: float | torch.Tensor, estimator: str, values=()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss ``-scale * sum_n L_k(x_n)`` from ``(k, batch)`` log weights, and a
+    surrogate whose gradient is ``estimator``'s (see :mod:`pyro_vae.objectives`).
+
+    :param values: for "dreg", the guide's sampled values, each with the index of its
+        particle dimension and of its data dimension; their gradients are reweighted by
+        the normalized weights.
+    """
+    k = log_w.shape[0]
+    bound = torch.logsumexp(log_w, dim=0) - math.log(k)  # (batch,)
+    loss = -scale * bound.sum()
+    if estimator == "iwae":
+        return loss, loss
+    weights = torch.softmax(log_w.detach(), dim=0)  # normalized, (k, batch)
+    if estimator == "dreg":
+        for value, particle_index, data_index in values:
+            _reweight_gradient(value, weights, particle_index, data_index)
+    surrogate = -scale * (weights * log_w).sum()
+    return loss, surrogate
+
+
+def _reweight_gradient(value: torch.Tensor, weights, particle_index: int, data_index: int):
+    """Multiply the gradient that reaches ``value`` (a guide site's particles) by each
+    particle's normalized weight: with the surrogate's own weight, its square (DReG)."""
+    if not value.requires_grad:
+        return
+    shape = [1] * value.dim()
+    shape[particle_index] = weights.shape[0]
+    shape[data_index] = weights.shape[1]
+    value.register_hook(lambda grad: grad * weights.reshape(shape).to(grad.dtype))
+
+
+def _sample_sites(trace) -> list[dict]:
+    return [site for site in trace.nodes.values() if site["type"] == "sample"]
+
+
+def _data_plate(model_trace, guide_trace):
+    """The one plate of data points that every sample site lies in."""
+    common = None
+    for trace in (model_trace, guide_trace):
+        for site in _sample_sites(trace):
+            frames = {f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLES}
+            if not frames:
+                raise UsageError(
+                    f"IWAE_ELBO bounds each data point of a plate, but site {site['name']!r} is "
+                    "outside every plate (a global latent or observation), where a per-point "
+                    "bound is not defined; use Trace_ELBO, or RenyiELBO for a batch-level bound"
+                )
+            common = frames if common is None else common & frames
+    if not common:
+        raise UsageError(
+            "IWAE_ELBO needs every sample site inside one plate of data points, and no plate "
+            "holds them all"
+        )
+    # of the plates every site shares, the outermost is the data plate
+    return min(common, key=lambda frame: frame.dim)
+
+
+def _check_guide_site(site: dict) -> None:
+    name = site["name"]
+    if site["infer"].get("enumerate"):
+        raise UsageError(f"IWAE_ELBO cannot enumerate guide site {name!r}; sample it instead")
+    if not getattr(site["fn"], "has_rsample", False):
+        raise UsageError(
+            f"IWAE_ELBO needs reparameterized guide sites, but {name!r} "
+            f"({type(site['fn']).__name__}) has no rsample; relax it (e.g. "
+            "RelaxedOneHotCategorical) or train it with TraceGraph_ELBO"
+        )
+
+
+def _per_point(site: dict, log_p: torch.Tensor, particle_dims: int, data_dim: int):
+    """A site's log-density as ``(k, batch)``: summed over every dimension but the
+    particle and data ones (plates nested inside the data plate), masked as the site is."""
+    if site["mask"] is not None:
+        log_p = log_p * site["mask"]
+    log_p = log_p.reshape((1,) * max(0, particle_dims - log_p.dim()) + log_p.shape)
+    keep = (log_p.dim() - particle_dims, log_p.dim() + data_dim)
+    others = [d for d in range(log_p.dim()) if d not in keep]
+    if others:
+        log_p = log_p.sum(others, keepdim=True)
+    return log_p.reshape(log_p.shape[keep[0]], log_p.shape[keep[1]])
+
+
+def _site_weight(site: dict, plate_scale: float):
+    """The site's own scale, the plate's subsampling factor taken out (1 but for a KL
+    weight or another ``poutine.scale``)."""
+    weight = site["scale"] / plate_scale
+    if isinstance(weight, torch.Tensor) and weight.dim() > 0:
+        raise UsageError(
+            f"IWAE_ELBO takes one scale per site, but site {site['name']!r} has a scale of "
+            f"shape {tuple(weight.shape)}"
+        )
+    return weight
+
+
+def _fused_route(elbo: IWAE_ELBO, model, guide, args, kwargs) -> Callable | None:
+    """The package's VAE computes its bound without tracing (see :mod:`pyro_vae.fused`)."""
+    from .fused import recognise
+
+    recognised = recognise(model, guide, args, kwargs)
+    if recognised is None:
+        return None
+    vae, x, num_data = recognised
+    return lambda: vae.fused_iwae_loss(
+        x,
+        num_data=num_data,
+        num_particles=elbo.num_particles,
+        estimator=elbo.estimator,
+        check=False,  # recognise() has just asked can_fuse()
+    )

@@ -1,0 +1,263 @@
+"""The importance-weighted bound as a Pyro ELBO: exact on a linear-Gaussian model with its
+exact posterior, rising with k towards log p(x) otherwise, Trace_ELBO at k = 1, scaled
+per data point under subsampling (unlike RenyiELBO(alpha=0)), the estimators' shared
+expectation and their signal-to-noise ratios, and the VAE's fused path."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, RenyiELBO, Trace_ELBO
+
+from pyro_vae import VAE, UsageError
+from pyro_vae.evaluate import log_weights
+from pyro_vae.objectives import IWAE_ELBO
+
+#: x = A z + B + noise(SIGMA), z ~ N(0, 1): the posterior and log p(x) are exact.
+A, B, SIGMA = 1.5, 0.3, 0.8
+POST_VAR = 1.0 / (1.0 + A**2 / SIGMA**2)
+EXACT = (POST_VAR * A / SIGMA**2, -POST_VAR * A * B / SIGMA**2, math.sqrt(POST_VAR))
+
+
+def model(x, num_data=None):
+    n = x.shape[0]
+    with pyro.plate("data", num_data or n, subsample=torch.arange(n)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(A * z + B, SIGMA), obs=x)
+
+
+def make_guide(w, c, s):
+    """q(z | x) = N(w x + c, s): exact with EXACT's values."""
+
+    def guide(x, num_data=None):
+        n = x.shape[0]
+        with pyro.plate("data", num_data or n, subsample=torch.arange(n)):
+            pyro.sample("z", dist.Normal(w * x + c, s))
+
+    return guide
+
+
+def log_evidence(x):
+    return dist.Normal(B, math.sqrt(A**2 + SIGMA**2)).log_prob(x)
+
+
+def guide_params(values=(0.4, 0.1, 0.9)):
+    return [torch.tensor(v, requires_grad=True) for v in values]
+
+
+X = torch.linspace(-2.0, 3.0, 7)
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "dreg", "stl"])
+@pytest.mark.parametrize("k", [1, 5, 50])
+def test_the_bound_is_log_p_x_for_every_k_when_the_guide_is_exact(k, estimator):
+    guide = make_guide(*(torch.tensor(v) for v in EXACT))
+    loss = IWAE_ELBO(k, estimator).loss(model, guide, X)
+    assert loss == pytest.approx(-log_evidence(X).sum().item(), abs=1e-4)
+
+
+def test_the_bound_rises_with_k_towards_log_p_x_when_the_guide_is_not_exact():
+    guide = make_guide(*(torch.tensor(v) for v in (0.1, 0.5, 0.3)))  # off-centre, narrow
+    x = X.repeat(300)  # 2100 independent bounds per value of k
+    exact = log_evidence(x).sum().item()
+    bounds = [-IWAE_ELBO(k).loss(model, guide, x) for k in (1, 5, 50, 500)]
+    assert bounds[0] < bounds[1] < bounds[2] < bounds[3] < exact
+    assert exact - bounds[3] < 0.5 * (exact - bounds[0])  # most of the gap closed
+
+
+def test_k_1_is_trace_elbo_in_value_and_gradient():
+    params = guide_params()
+    guide = make_guide(*params)
+    results = []
+    for elbo in (IWAE_ELBO(1, max_plate_nesting=1), Trace_ELBO()):
+        pyro.set_rng_seed(3)
+        loss = elbo.differentiable_loss(model, guide, X, num_data=70)
+        results.append((loss.item(), torch.autograd.grad(loss, params)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for ours, pyros in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(ours, pyros)
+
+
+def test_a_subsampled_batch_is_scaled_outside_the_log_sum_exp_unlike_renyi_elbo():
+    """6 images standing for 600: the loss is 100 times the sum of the per-image bounds
+    of evaluate.py's log weights; RenyiELBO(alpha=0) scales inside the log-sum-exp."""
+    pyro.set_rng_seed(0)
+    vae = VAE(image_shape=(1, 6, 6), latent_dim=2, hidden=16)
+    x = (torch.rand(6, 1, 6, 6) < 0.4).float()
+    k = 5
+    pyro.set_rng_seed(1)
+    ours = IWAE_ELBO(k).loss(vae.model, vae.guide, x, num_data=600)
+    pyro.set_rng_seed(1)
+    per_image = torch.logsumexp(log_weights(vae, x, k), 0) - math.log(k)
+    assert ours == pytest.approx(-100.0 * per_image.sum().item(), rel=1e-5)
+    # over many draws, RenyiELBO's estimate differs from the per-image bound it should be
+    renyi, iwae = RenyiELBO(alpha=0, num_particles=k), IWAE_ELBO(k)
+    draws = {"renyi": [], "iwae": []}
+    for _ in range(200):
+        draws["renyi"].append(renyi.loss(vae.model, vae.guide, x, num_data=600))
+        draws["iwae"].append(iwae.loss(vae.model, vae.guide, x, num_data=600))
+    mean = {name: torch.tensor(values).mean() for name, values in draws.items()}
+    error = math.sqrt(sum(torch.tensor(v).var().item() / len(v) for v in draws.values()))
+    assert abs(mean["renyi"] - mean["iwae"]) > 5 * error
+
+
+def gradient_draws(estimator: str, k: int, reps: int, batch: int = 1, seed: int = 0):
+    """``(reps, 3)``: the guide parameters' gradient of the loss, one row per draw."""
+    params = guide_params()
+    guide = make_guide(*params)
+    elbo = IWAE_ELBO(k, estimator, max_plate_nesting=1)
+    x = torch.full((batch,), 1.3)
+    pyro.set_rng_seed(seed)
+    rows = [
+        torch.stack(torch.autograd.grad(elbo.differentiable_loss(model, guide, x), params))
+        for _ in range(reps)
+    ]
+    return torch.stack(rows)
+
+
+def test_dreg_and_iwae_gradients_have_the_same_expectation():
+    iwae = gradient_draws("iwae", 10, 600, batch=20, seed=0)
+    dreg = gradient_draws("dreg", 10, 600, batch=20, seed=1)
+    error = (iwae.var(0) / len(iwae) + dreg.var(0) / len(dreg)).sqrt()
+    assert ((iwae.mean(0) - dreg.mean(0)).abs() < 4 * error).all(), (iwae.mean(0), dreg.mean(0))
+    # and the test can tell: "stl" is biased for k > 1, and shows it here
+    stl = gradient_draws("stl", 10, 600, batch=20, seed=2)
+    error = (iwae.var(0) / len(iwae) + stl.var(0) / len(stl)).sqrt()
+    assert ((iwae.mean(0) - stl.mean(0)).abs() > 4 * error).any()
+
+
+def signal_to_noise(estimator: str, k: int) -> torch.Tensor:
+    draws = gradient_draws(estimator, k, 400)
+    return draws.mean(0).abs() / draws.std(0)
+
+
+def test_the_guides_signal_to_noise_falls_with_k_for_iwae_and_not_for_dreg():
+    """Rainforth et al. (2018): the IWAE gradient of the guide loses its signal as k
+    grows (as 1/sqrt(k)); Tucker et al.'s DReG does not."""
+    iwae_1, iwae_100 = signal_to_noise("iwae", 1), signal_to_noise("iwae", 100)
+    dreg_1, dreg_100 = signal_to_noise("dreg", 1), signal_to_noise("dreg", 100)
+    assert (iwae_100 < 0.5 * iwae_1).all(), (iwae_1, iwae_100)
+    assert (dreg_100 > 0.8 * dreg_1).all(), (dreg_1, dreg_100)
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "dreg", "stl"])
+def test_the_vaes_fused_path_equals_the_generic_one(estimator):
+    pyro.set_rng_seed(0)
+    vae = VAE(image_shape=(1, 8, 8), latent_dim=3, hidden=16)
+    x = (torch.rand(6, 1, 8, 8) < 0.4).float()
+    elbo = IWAE_ELBO(5, estimator, max_plate_nesting=1)
+    results = []
+    for program in ((vae.model, vae.guide), (lambda *a, **k: vae.model(*a, **k),
+                                             lambda *a, **k: vae.guide(*a, **k))):  # fmt: skip
+        vae.zero_grad()
+        pyro.set_rng_seed(1)
+        loss = elbo.differentiable_loss(*program, x, num_data=60)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in vae.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for fused, generic in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-4)
+
+
+def test_svi_trains_a_vae_with_dreg_and_its_parameters_move():
+    pyro.set_rng_seed(0)
+    vae = VAE(image_shape=(1, 8, 8), latent_dim=3, hidden=16)
+    x = (torch.rand(32, 1, 8, 8) < 0.4).float()
+    before = {n: p.detach().clone() for n, p in vae.named_parameters()}
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), IWAE_ELBO(5, "dreg"))
+    losses = [svi.step(x) for _ in range(30)]
+    assert losses[-1] < losses[0]
+    for name, param in vae.named_parameters():
+        assert not torch.equal(param, before[name]), name
+
+
+def test_programs_it_cannot_bound_per_data_point_are_refused_by_name():
+    def global_model(x):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(w, 1.0), obs=x)
+
+    def global_guide(x):
+        pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(UsageError, match="'w' is outside every plate"):
+        IWAE_ELBO(3).loss(global_model, global_guide, X)
+
+    def discrete_model(x):
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Bernoulli(0.5))
+            pyro.sample("x", dist.Normal(c, 1.0), obs=x)
+
+    def discrete_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("c", dist.Bernoulli(0.3))
+
+    with pytest.raises(UsageError, match="'c'.*no rsample"):
+        IWAE_ELBO(3).loss(discrete_model, discrete_guide, X)
+    with pytest.raises(UsageError, match="estimator"):
+        IWAE_ELBO(3, "reinforce")
+    with pytest.raises(UsageError, match="num_particles"):
+        IWAE_ELBO(0)
+
+
+def test_fits_module_takes_the_direct_route_and_equals_the_elbo_class():
+    from pyro_vae.train import ELBOLoss
+
+    pyro.set_rng_seed(0)
+    vae = VAE(image_shape=(1, 8, 8), latent_dim=3, hidden=16)
+    x = (torch.rand(6, 1, 8, 8) < 0.4).float()
+    elbo = IWAE_ELBO(4, "dreg", max_plate_nesting=1)
+    module = ELBOLoss(vae, elbo, num_data=60)
+    module.weight = 0.5  # a KL warm-up's weight, inside the log weights
+    assert module.fused()
+    results = []
+    for loss_of in (
+        module,
+        lambda x: elbo.differentiable_loss(vae.model, vae.guide, x, num_data=60),
+    ):
+        vae.zero_grad()
+        pyro.set_rng_seed(1)
+        with vae.kl_weight(0.5):
+            loss = loss_of(x)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in vae.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for direct, through_class in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(direct, through_class)
+
+
+@pytest.mark.parametrize("elbo", ["iwae", IWAE_ELBO(5, "dreg"), IWAE_ELBO(3, "stl")])
+def test_fit_trains_with_the_importance_weighted_bound(elbo, mnist_train, mnist_test):
+    from pyro_vae import Run, fit
+
+    pyro.set_rng_seed(0)
+    vae = VAE(latent_dim=8, hidden=64)
+    before = {n: p.detach().clone() for n, p in vae.named_parameters()}
+    run = Run(epochs=2, accelerator="cpu", progress=False)
+    history = fit(vae, mnist_train.images[:2000], mnist_test.images[:300], batch_size=100,
+                  elbo=elbo, warmup=1, run=run)  # fmt: skip
+    assert history.epochs[1].test_elbo > history.epochs[0].test_elbo
+    for name, param in vae.named_parameters():
+        assert not torch.equal(param, before[name]), name
+    with pytest.raises(UsageError, match="compile"):
+        fit(vae, mnist_train.images[:100], elbo=elbo, run=run.replace(compile=True))
+
+
+def test_the_command_line_trains_with_dreg_and_refuses_particles_without_iwae(
+    mnist_dir, tmp_path, capsys
+):
+    from tests.helpers import run_script
+
+    common = ["--data-dir", mnist_dir, "--limit", 500, "--test-limit", 200, "--epochs", 1,
+              "--latent-dim", 4, "--hidden", 32, "--no-progress"]  # fmt: skip
+    out = tmp_path / "iw"
+    args = [*common, "--elbo", "iwae", "--particles", 5, "--estimator", "dreg", "--out", out]
+    assert run_script("fit.py", *args) == 0
+    assert (out / "checkpoint.pt").is_file() and (out / "history.csv").is_file()
+    capsys.readouterr()
+    assert run_script("fit.py", *common, "--estimator", "dreg", "--out", tmp_path / "x") == 2
+    assert "need --elbo iwae" in capsys.readouterr().err
