@@ -60,8 +60,14 @@ def save_checkpoint(path: str | Path, vae: torch.nn.Module, **extra: Any) -> Pat
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read and check a checkpoint written by :func:`save_checkpoint`."""
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", config_type: type = VAEConfig
+) -> dict:
+    """Read and check a checkpoint written by :func:`save_checkpoint`.
+
+    :param config_type: the config class of the model it holds (with ``from_dict``): the
+        VAE's by default, another model's (a token prior's) where it says so.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -81,7 +87,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "upgrade pyro_vae to read it"
         )
     try:
-        state["config"] = VAEConfig.from_dict(state["config"])
+        state["config"] = config_type.from_dict(state["config"])
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path} holds an invalid config: {error}") from None
     return state
@@ -199,7 +205,7 @@ def restore_training(
         that defines the model besides its config and differs (an SSVAE's classes).
     """
     device, rank, world = fabric.device, fabric.global_rank, fabric.world_size
-    state = load_checkpoint(path, map_location=device)
+    state = load_checkpoint(path, map_location=device, config_type=type(model.config))
     check_config(state["config"], model.config, path)
     diffs = extra_differences(state)
     if diffs:

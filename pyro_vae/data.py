@@ -312,7 +312,7 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-class _Batches:
+class Batches:
     """What the batch sources share: each epoch's shuffled order, the shard of it that
     one process trains on, and making each batch ready for the likelihood.
 
@@ -409,7 +409,7 @@ class _Batches:
         return batch
 
 
-class TensorBatches(_Batches):
+class TensorBatches(Batches):
     """Mini-batches of an in-memory image tensor that lives on the training device.
 
     The whole data set is moved once (by :meth:`prepare`); a batch is an index into it.
@@ -442,7 +442,7 @@ class TensorBatches(_Batches):
             yield self._ready(self.images[order[i * self.batch_size : (i + 1) * self.batch_size]])
 
 
-class LoaderBatches(_Batches):
+class LoaderBatches(Batches):
     """Mini-batches streamed from a ``Dataset`` through a ``DataLoader`` with workers,
     for image collections too large to hold in memory. Items may be images or tuples
     whose first element is the image, such as ``(image, label)``. Floating-point batches
@@ -494,7 +494,7 @@ class PairedBatches:
 
     def __init__(
         self,
-        unlabelled: _Batches,
+        unlabelled: Batches,
         labelled: torch.Tensor,
         labels: torch.Tensor,
         batch_size: int,
@@ -506,7 +506,7 @@ class PairedBatches:
         self.num_labelled = labelled.shape[0]
 
     def prepare(self, rank, world, device, dtype=None, on_bad_data=None) -> PairedBatches:
-        """As :meth:`_Batches.prepare`: the unlabelled shard, and the labelled images on
+        """As :meth:`Batches.prepare`: the unlabelled shard, and the labelled images on
         ``device`` (every process draws its labelled batches from all of them)."""
         prepared = copy.copy(self)
         prepared.unlabelled = self.unlabelled.prepare(rank, world, device, dtype, on_bad_data)

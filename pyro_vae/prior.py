@@ -40,7 +40,7 @@ from pyro.poutine.util import is_validation_enabled
 from torch import nn
 
 from . import engine, internals
-from .data import _Batches
+from .data import Batches
 from .engine import Objective
 from .errors import UsageError
 from .history import EpochRecord, History
@@ -617,10 +617,10 @@ class TokenPrior(NamedSites, PyroModule):
 
 
 # ---------------------------------------------------------------------------- training
-class TokenBatches(_Batches):
+class TokenBatches(Batches):
     """Mini-batches of integer token sequences (and their captions), held on the training
     device and batched by shuffled index, sharded per process as every batch source is
-    (:class:`pyro_vae.data._Batches`). An epoch yields ``(tokens, captions)`` tuples,
+    (:class:`pyro_vae.data.Batches`). An epoch yields ``(tokens, captions)`` tuples,
     ``captions`` None for an unconditional prior. Tokens stay integers: the ``dtype``
     given to :meth:`prepare` (the weights') is not applied to them.
 
@@ -767,12 +767,6 @@ def _checked_data(prior: TokenPrior, tokens, captions, test, batch_size, run: Ru
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
     if run.compile:
         raise UsageError("compile is not offered for the token prior; train it without")
-    if run.resuming:
-        # the engine's restore_training reads a checkpoint's "config" as a VAEConfig
-        raise UsageError(
-            "resuming a token prior is not supported yet (the checkpoint reader expects a "
-            "VAE's config); train into a new checkpoint"
-        )
     held_out = None
     if test is not None:
         test_tokens, test_captions = test if isinstance(test, (tuple, list)) else (test, None)

@@ -368,11 +368,6 @@ def test_fit_prior_learns_a_rule_every_parameter_moves_and_the_checkpoint_holds_
     assert "prior_config" in line and "'n_embd': 16" in line
 
 
-@pytest.mark.skip(
-    reason="resume needs the engine's checkpoint reader to parse the prior's config: "
-    "load_checkpoint(path, map_location, config_type=VAEConfig) called by restore_training "
-    "with config_type=type(model.config); then drop fit_prior's refusal of run.resuming"
-)
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     path = tmp_path / "prior.pt"
     train, test = rule_data(128, 0), rule_data(32, 1)
@@ -406,7 +401,4 @@ def test_fit_prior_refuses_what_it_cannot_do(tmp_path):
         fit_prior(prior, tokens, run=Run(compile=True, progress=False))
     with pytest.raises(UsageError, match="frozen"), prior.frozen():
         fit_prior(prior, tokens)
-    path = tmp_path / "prior.pt"
-    path.write_bytes(b"")
-    with pytest.raises(UsageError, match="resuming a token prior"):
-        fit_prior(prior, tokens, run=Run(checkpoint=str(path), resume=True, progress=False))
+
