@@ -16,9 +16,13 @@ from pathlib import Path
 from typing import Any
 
 #: how an epoch line names a metric (others are named by their key).
-LABELS = {"test_elbo": "test ELBO", "test_accuracy": "test accuracy"}
+LABELS = {
+    "test_elbo": "test ELBO",
+    "test_accuracy": "test accuracy",
+    "test_bits_per_token": "test bits/token",
+}
 #: the metrics an epoch line shows, where a record has them.
-SHOWN = ("test_elbo", "test_accuracy")
+SHOWN = ("test_elbo", "test_accuracy", "test_bits_per_token")
 _BASE = ("epoch", "step", "train_loss", "seconds", "lr")
 
 
@@ -48,7 +52,7 @@ class EpochRecord:
     def summary(self, epochs: int) -> str:
         """One line for a log: ``epoch e/E  train loss L  test ELBO T  (s s)``."""
         shown = "".join(
-            f"  {LABELS.get(name, name)} {self.metrics[name]:.{4 if 'accuracy' in name else 2}f}"
+            f"  {LABELS.get(name, name)} {self.metrics[name]:.{2 if name == 'test_elbo' else 4}f}"
             for name in SHOWN
             if self.metrics.get(name) is not None
         )
