@@ -778,3 +778,96 @@ def _checked_data(prior: TokenPrior, tokens, captions, test, batch_size, run: Ru
     if not len(tokens) or (held_out is not None and not len(held_out[0])):
         raise UsageError("the training and held-out token sets must not be empty")
     return tokens, held_out
+
+
+# ----------------------------------------------------------------------------- in the VAE
+class TokenCodes(TorchDistribution):
+    """A token prior as a distribution over a discrete VAE's one-hot codes: batch shape
+    ``batch_shape``, event ``(*code_shape, K)``, what the VAE's latent site holds.
+
+    A code grid is read in raster order (:func:`to_grid`'s inverse). For a conditional
+    prior the caption is marginalized, uniform over the classes: ``log p(z) =
+    logsumexp_c log p(z | c) - log C`` (C passes of the network), so the VAE stays a model
+    of images alone, comparable with the uniform prior's.
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = False
+
+    def __init__(self, prior: TokenPrior, batch_shape, code_shape: tuple[int, ...], dtype):
+        self.prior, self.code_shape, self.code_dtype = prior, tuple(code_shape), dtype
+        event = torch.Size((*self.code_shape, prior.config.vocab_size))
+        super().__init__(torch.Size(batch_shape), event, validate_args=False)
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.simplex, len(self.code_shape))
+
+    def expand(self, batch_shape, _instance=None) -> TokenCodes:
+        return TokenCodes(self.prior, batch_shape, self.code_shape, self.code_dtype)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        lead = value.shape[: value.dim() - len(self.event_shape)]
+        tokens = value.argmax(-1).reshape(-1, math.prod(self.code_shape))
+        classes = self.prior.config.num_classes
+        if not classes:
+            return self.prior.log_prob(tokens).reshape(lead)
+        n = tokens.shape[0]
+        per_caption = torch.stack([
+            self.prior.log_prob(tokens, tokens.new_full((n,), c)) for c in range(classes)
+        ])  # fmt: skip
+        return (torch.logsumexp(per_caption, 0) - math.log(classes)).reshape(lead)
+
+    @torch.no_grad()
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)[: -len(self.event_shape)]
+        n, classes = math.prod(shape), self.prior.config.num_classes
+        device = next(self.prior.parameters()).device
+        captions = torch.randint(classes, (n,), device=device) if classes else None
+        tokens = self.prior.sample(None if classes else n, captions)
+        one_hot = F.one_hot(tokens, self.prior.config.vocab_size).to(self.code_dtype)
+        return one_hot.reshape(*shape, *self.event_shape)
+
+
+class PriorLatent(nn.Module):
+    """A discrete VAE's latent family with a learned :class:`TokenPrior` in place of the
+    uniform prior: the posterior, tokens and codes are the VAE's own latent's; the prior
+    is :class:`TokenCodes`. For evaluation and generation (``vae.eval()``): the prior is
+    fitted to the codes of a trained VAE and does not train with it, so training mode,
+    whose relaxed codes the prior cannot score, is refused."""
+
+    def __init__(self, latent, prior: TokenPrior):
+        super().__init__()
+        self.base, self.token_prior = latent, prior
+        for name in ("code_shape", "classes", "event_shape", "encoder_features",
+                     "decoder_features", "relaxed", "spatial", "straight_through"):  # fmt: skip
+            setattr(self, name, getattr(latent, name))
+
+    @property
+    def codebook_size(self) -> int:
+        return self.base.codebook_size
+
+    @property
+    def temperature(self) -> float:
+        return self.base.temperature
+
+    def prior(self, batch_shape: torch.Size, like: torch.Tensor, temperature=None) -> TokenCodes:
+        """The learned prior over ``batch_shape`` data points' codes."""
+        if self.training:
+            raise UsageError(
+                "a VAE with a learned token prior is for evaluation and generation: call "
+                "vae.eval(); train the VAE with its uniform prior, then fit_prior on its tokens"
+            )
+        return TokenCodes(self.token_prior, batch_shape, self.code_shape, like.dtype)
+
+    def posterior(self, encoded: torch.Tensor, temperature=None):
+        return self.base.posterior(encoded, temperature)
+
+    def code(self, encoded: torch.Tensor) -> torch.Tensor:
+        return self.base.code(encoded)
+
+    def tokens(self, encoded: torch.Tensor) -> torch.Tensor:
+        return self.base.tokens(encoded)
+
+    def one_hot(self, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.base.one_hot(tokens, dtype)

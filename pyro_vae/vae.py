@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -737,8 +738,35 @@ class VAE(NamedSites, PyroModule):
         like = self._a_parameter()
         return self.decode(latent.one_hot(tokens.to(like.device), like.dtype))
 
-    def _categorical(self, what: str) -> CategoricalLatent:
-        if not isinstance(self.latent, CategoricalLatent):
+    def with_prior(self, prior) -> VAE:
+        """This discrete VAE with a learned prior over its codes in place of the uniform
+        one: a new VAE with a copy of these weights, whose latent site's prior is
+        ``prior`` (a fitted :class:`~pyro_vae.prior.TokenPrior`, shared, not copied), in
+        eval mode. Its :meth:`model`, ``Predictive``, :mod:`pyro_vae.evaluate` (ELBO and
+        IWAE bounds of the discrete model) and :mod:`pyro_vae.ppc` work as for any VAE;
+        a conditional prior's caption is marginalized (uniform over its classes). It is
+        for evaluation and generation: training mode is refused.
+        """
+        from .prior import PriorLatent
+
+        latent = self._categorical("with_prior")
+        config = prior.config
+        if config.vocab_size != latent.codebook_size or config.length != math.prod(
+            latent.code_shape
+        ):
+            raise UsageError(
+                f"the prior models {config.length} tokens of {config.vocab_size} values, but "
+                f"this VAE's codes are {math.prod(latent.code_shape)} of "
+                f"{latent.codebook_size}; fit the prior on this VAE's tokens"
+            )
+        weight = self._a_parameter()
+        combined = type(self)(self.config).to(device=weight.device, dtype=weight.dtype)
+        combined.load_state_dict(self.state_dict())
+        combined.latent = PriorLatent(combined.latent, prior)
+        return combined.eval()
+
+    def _categorical(self, what: str):
+        if getattr(self.latent, "codebook_size", None) is None:
             raise UsageError(
                 f"{what} needs discrete codes, but this VAE has latent {self.config.latent!r}; "
                 "train one with latent 'relaxed-categorical'"
