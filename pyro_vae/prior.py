@@ -871,3 +871,42 @@ class PriorLatent(nn.Module):
 
     def one_hot(self, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.base.one_hot(tokens, dtype)
+
+
+# ----------------------------------------------------------------------------- loading
+from os import PathLike  # noqa: E402  (here, beside its one user: load_prior's signature)
+
+
+class _StoredConfig(dict):
+    """A checkpoint's config left as the plain dict it was stored as, so that
+    :func:`load_prior` can tell a VAE's checkpoint from a prior's before rebuilding."""
+
+    @classmethod
+    def from_dict(cls, values: dict) -> _StoredConfig:
+        return cls(values)
+
+
+def load_prior(path: str | PathLike[str], map_location: str | torch.device = "cpu") -> TokenPrior:
+    """Rebuild the token prior of a checkpoint written by :func:`fit_prior` (or
+    ``pyro-vae fit-prior``), with its trained weights, on ``map_location``, in eval mode.
+
+    A file that is not a pyro_vae checkpoint, or holds another model (a VAE), is refused
+    with a :class:`~pyro_vae.errors.CheckpointError` that says which it is.
+    """
+    from .checkpoint import load_checkpoint, load_weights
+    from .errors import CheckpointError
+
+    state = load_checkpoint(path, map_location, config_type=_StoredConfig)
+    stored = state.get("prior_config", state["config"])
+    if not isinstance(stored, dict) or "vocab_size" not in stored:
+        what = "a VAE" if isinstance(stored, dict) and "latent" in stored else "another model"
+        raise CheckpointError(
+            f"{path} holds {what}, not a token prior; give the checkpoint.pt of a "
+            "pyro-vae fit-prior run"
+        )
+    try:
+        state["config"] = TokenPriorConfig.from_dict(dict(stored))
+    except (TypeError, ValueError) as error:  # UsageError is a ValueError
+        raise CheckpointError(f"{path} holds an invalid token prior config: {error}") from None
+    prior = load_weights(TokenPrior(state["config"]), state, path)
+    return prior.to(map_location).eval()

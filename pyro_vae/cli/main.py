@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppc": ("ppc", "posterior predictive checks: p-values, an ArviZ file and figures"),
     "restore": ("restore", "inpaint, denoise or upscale held-out images with a fitted VAE"),
     "tokenize": ("tokens", "turn images into a discrete VAE's tokens, or tokens into images"),
+    "fit-prior": ("fit_prior", "fit a learned prior (a small transformer) over a VAE's tokens"),
+    "generate": ("generate", "draw or complete images with a discrete VAE and its token prior"),
 }
 PROG = "pyro-vae"
 
