@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
+from os import PathLike
 
 import pyro
 import torch
@@ -343,8 +344,8 @@ class TokenSequence(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         new.net, new.starts = self.net, self.starts.expand(batch_shape)
         new.temperature, new.top_k = self.temperature, self.top_k
-        super(TokenSequence, new).__init__(batch_shape, self.event_shape, validate_args=False)
-        new._validate_args = self._validate_args
+        validate = self._validate_args  # whether this one checks its values, the copy does too
+        super(TokenSequence, new).__init__(batch_shape, self.event_shape, validate_args=validate)
         return new
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -448,13 +449,13 @@ class TokenPrior(NamedSites, PyroModule):
             for drawing; keep the defaults to score data.
         """
         if tokens is not None:
-            tokens = self._sequences(tokens)
+            tokens = self.checked_tokens(tokens)
             batch, device = tokens.shape[0], tokens.device
             if batch_size is not None and batch_size != batch:
                 raise UsageError(f"batch_size={batch_size} but tokens hold {batch} sequences")
         else:
             batch, device = self._batch_to_draw(captions, batch_size), self._a_parameter().device
-        fn = TokenSequence(self.net, self._starts(captions, batch), temperature, top_k)
+        fn = TokenSequence(self.net, self.start_indices(captions, batch), temperature, top_k)
         with self._data_plate(batch, device, num_data):
             return pyro.sample(self.tokens_site, fn, obs=tokens)
 
@@ -468,7 +469,7 @@ class TokenPrior(NamedSites, PyroModule):
     ) -> TokenSequence:
         """The :class:`TokenSequence` of ``batch_size`` sequences (one per caption for a
         conditional prior)."""
-        starts = self._starts(captions, self._batch_to_draw(captions, batch_size))
+        starts = self.start_indices(captions, self._batch_to_draw(captions, batch_size))
         return TokenSequence(self.net, starts, temperature, top_k)
 
     # ----------------------------------------------------------------- direct use
@@ -477,8 +478,10 @@ class TokenPrior(NamedSites, PyroModule):
 
         :param tokens: ``(N, L)`` tokens or ``(N, h, w)`` grids (raster order).
         """
-        tokens = self._sequences(tokens)
-        return TokenSequence(self.net, self._starts(captions, tokens.shape[0])).log_prob(tokens)
+        tokens = self.checked_tokens(tokens)
+        return TokenSequence(self.net, self.start_indices(captions, tokens.shape[0])).log_prob(
+            tokens
+        )
 
     def nll_loss(
         self,
@@ -517,7 +520,7 @@ class TokenPrior(NamedSites, PyroModule):
         return fn.sample()
 
     # ----------------------------------------------------------------- checks
-    def _sequences(self, tokens: torch.Tensor, check_range: bool | None = None) -> torch.Tensor:
+    def checked_tokens(self, tokens: torch.Tensor, check_range: bool | None = None) -> torch.Tensor:
         """``tokens`` as ``(N, L)`` sequences, checked: dtype and shape always, values while
         Pyro's validation is on (``fit_prior`` checks its data once, then turns it off)."""
         length, vocab = self.config.length, self.config.vocab_size
@@ -582,7 +585,7 @@ class TokenPrior(NamedSites, PyroModule):
             f"captions, or a value conditioned at {site!r}"
         )
 
-    def _starts(
+    def start_indices(
         self, captions: torch.Tensor | None, batch: int, check_range: bool | None = None
     ) -> torch.Tensor:
         """The ``(batch,)`` start indices: the captions, checked (their values while Pyro's
@@ -770,11 +773,11 @@ def _checked_data(prior: TokenPrior, tokens, captions, test, batch_size, run: Ru
     held_out = None
     if test is not None:
         test_tokens, test_captions = test if isinstance(test, (tuple, list)) else (test, None)
-        test_tokens = prior._sequences(test_tokens, check_range=True)
-        prior._starts(test_captions, test_tokens.shape[0], check_range=True)
+        test_tokens = prior.checked_tokens(test_tokens, check_range=True)
+        prior.start_indices(test_captions, test_tokens.shape[0], check_range=True)
         held_out = (test_tokens, test_captions)
-    tokens = prior._sequences(tokens, check_range=True)
-    prior._starts(captions, tokens.shape[0], check_range=True)
+    tokens = prior.checked_tokens(tokens, check_range=True)
+    prior.start_indices(captions, tokens.shape[0], check_range=True)
     if not len(tokens) or (held_out is not None and not len(held_out[0])):
         raise UsageError("the training and held-out token sets must not be empty")
     return tokens, held_out
@@ -874,7 +877,6 @@ class PriorLatent(nn.Module):
 
 
 # ----------------------------------------------------------------------------- loading
-from os import PathLike  # noqa: E402  (here, beside its one user: load_prior's signature)
 
 
 class _StoredConfig(dict):
