@@ -357,6 +357,22 @@ def add_loop_args(group, epochs: int, lr: float = 1e-3) -> None:
     group.add_argument("--seed", type=int, default=0)
 
 
+def add_run_folder_args(parser: argparse.ArgumentParser, train, default_out: str) -> None:
+    """What a training command that writes a run folder ends with: ``--limit``,
+    ``--test-limit`` and ``--no-progress`` in its ``train`` group, the data options, the
+    devices and logging options, and the output folder (``--out``, ``--resume``)."""
+    train.add_argument("--limit", type=int, help="train on the first N images only")
+    train.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
+    train.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (a line per epoch instead)"
+    )
+    add_data_args(parser)
+    add_engine_args(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", type=Path, help=f"run folder (default {default_out})")
+    out.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Where and how training runs (Lightning Fabric's options) and what it logs."""
     group = parser.add_argument_group("devices and logging")

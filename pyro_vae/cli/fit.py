@@ -28,9 +28,8 @@ from pyro_vae.vae import VAE
 
 from .common import (
     add_config_arg,
-    add_data_args,
-    add_engine_args,
     add_loop_args,
+    add_run_folder_args,
     epoch_printer,
     load_data,
     report_interrupt,
@@ -61,16 +60,7 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
         default=100,
         help="relaxed-categorical: particles of the test IWAE bound (0: skip it)",
     )
-    train.add_argument("--limit", type=int, help="train on the first N images only")
-    train.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
-    train.add_argument(
-        "--no-progress", action="store_true", help="no progress bars (a line per epoch instead)"
-    )
-    add_data_args(p)
-    add_engine_args(p)
-    out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, help="run folder (default runs/<likelihood>-<arch>)")
-    out.add_argument("--resume", action="store_true", help="continue the run in --out")
+    add_run_folder_args(p, train, "runs/<likelihood>-<arch>")
     return p
 
 

@@ -34,9 +34,8 @@ from pyro_vae.tokenizer import tokenize_images
 
 from .common import (
     add_config_arg,
-    add_data_args,
-    add_engine_args,
     add_loop_args,
+    add_run_folder_args,
     epoch_printer,
     is_first_process,
     load_data,
@@ -118,16 +117,7 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
     train = p.add_argument_group("training")
     add_loop_args(train, epochs=20)
     train.add_argument("--batch-size", type=int, default=64, help="sequences per step")
-    train.add_argument("--limit", type=int, help="train on the first N images only")
-    train.add_argument("--test-limit", type=int, help="evaluate on the first N test images only")
-    train.add_argument(
-        "--no-progress", action="store_true", help="no progress bars (a line per epoch instead)"
-    )
-    add_data_args(p)
-    add_engine_args(p)
-    out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, help="run folder (default runs/prior)")
-    out.add_argument("--resume", action="store_true", help="continue the run in --out")
+    add_run_folder_args(p, train, "runs/prior")
     return p
 
 
