@@ -43,6 +43,10 @@ COMMAND = "generate"
 SUMMARY = __doc__.splitlines()[0]
 
 
+#: images per class that ``--caption all`` shows in its picture (its .pt file keeps all).
+SHOWN_PER_CLASS = 16
+
+
 def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
     """The options of ``pyro-vae generate`` (and of ``scripts/generate.py``)."""
     p = argparse.ArgumentParser(prog=prog, description=SUMMARY)
@@ -155,7 +159,11 @@ def samples(
         "images": as_uint8(images),
         "captions": None if captions is None else captions.long().cpu(),
     }
-    return plots.image_grid(images, title, ncol=ncol), record
+    shown = images
+    if ncol is not None and ncol > SHOWN_PER_CLASS:  # a picture stays readable; the file has all
+        shown = images.unflatten(0, (-1, ncol))[:, :SHOWN_PER_CLASS].flatten(0, 1)
+        ncol, title = SHOWN_PER_CLASS, f"{title}, the first {SHOWN_PER_CLASS} of {args.n}"
+    return plots.image_grid(shown, title, ncol=ncol), record
 
 
 # ---------------------------------------------------------------- completion
