@@ -33,3 +33,22 @@ def run_script(name: str, *args) -> int:
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_path(str(SCRIPTS / name), run_name="__main__")
     return exit_info.value.code
+
+
+def pyro_vae(capsys, *args) -> tuple[int, str, str]:
+    """``pyro-vae args...`` in this process: (exit status, stdout, stderr)."""
+    from pyro_vae.cli.main import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as stop:  # argparse's --help and errors, Ctrl-C's 130
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *expected: str) -> None:
+    """Status 2 and one ``error:`` line, without a traceback, naming every ``expected``."""
+    assert code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert " error: " in line and all(part in line for part in expected), err

@@ -16,27 +16,11 @@ import pytest
 from pyro_vae.cli import fit as fit_cli
 from pyro_vae.cli import fit_ssvae as fit_ssvae_cli
 from pyro_vae.cli.main import COMMANDS, main
-from tests.helpers import REPO, run_script
+from tests.helpers import REPO, assert_one_line_error, pyro_vae, run_script
 
 #: a run of seconds: 256 training and 256 test images, one epoch of two batches.
 TINY = ["--limit", 256, "--test-limit", 256, "--epochs", 1, "--batch-size", 128, "--no-progress"]
 SSVAE = ["--latent-dim", 4, "--hidden", 32, "--labels-per-class", 2]
-
-
-def pyro_vae(capsys, *args) -> tuple[int, str, str]:
-    """``pyro-vae args...`` in this process: (exit status, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:  # argparse's --help and errors, Ctrl-C's 130
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *expected: str) -> None:
-    assert code == 2 and "Traceback" not in err, err
-    line = err.strip().splitlines()[-1]
-    assert " error: " in line and all(part in line for part in expected), err
 
 
 def rows(path: Path) -> list[dict]:

@@ -14,6 +14,7 @@ import torch
 from pyro_vae.cli.main import main
 from pyro_vae.errors import CheckpointError
 from pyro_vae.prior import TokenPrior, load_prior
+from tests.helpers import assert_one_line_error, pyro_vae
 
 #: a VAE of 4 codes of 4 values, trained for seconds.
 DVAE = ["--latent", "relaxed-categorical", "--groups", 4, "--classes", 4, "--hidden", 32]
@@ -28,23 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def pyro_vae(capsys, *args) -> tuple[int, str, str]:
-    """``pyro-vae args...`` in this process: (exit status, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *expected: str) -> None:
-    """Status 2 and one ``error:`` line, without a traceback, naming every ``expected``."""
-    assert code == 2 and "Traceback" not in err, err
-    line = err.strip().splitlines()[-1]
-    assert " error: " in line and all(part in line for part in expected), err
 
 
 @pytest.fixture(scope="module")
