@@ -115,11 +115,16 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, values: dict) -> VAEConfig:
         """Rebuild a config, naming any key that this version does not know."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"unknown VAEConfig field(s): {', '.join(unknown)}")
+        check_fields(cls, values)
         return cls(**{**values, "image_shape": tuple(values.get("image_shape", (1, 28, 28)))})
+
+
+def check_fields(cls: type, values: dict) -> None:
+    """Raise :class:`UsageError` naming every key of ``values`` that is not a field of the
+    dataclass ``cls``: a config or run written by another version, or edited by hand."""
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise UsageError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from os import PathLike
 
 import pyro
@@ -41,6 +41,7 @@ from pyro.poutine.util import is_validation_enabled
 from torch import nn
 
 from . import engine, internals
+from .config import check_fields
 from .data import Batches
 from .engine import Objective
 from .errors import UsageError
@@ -128,10 +129,7 @@ class TokenPriorConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TokenPriorConfig:
         """Rebuild a config, naming any key that this version does not know."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"unknown TokenPriorConfig field(s): {', '.join(unknown)}")
+        check_fields(cls, values)
         return cls(**values)
 
 

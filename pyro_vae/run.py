@@ -11,12 +11,13 @@ it, and a run folder's ``config.json`` stores it, so a run can be replayed.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import check_fields
 from .errors import UsageError
 
 #: Fabric precisions offered; the log-densities and KL stay float32 under the mixed ones.
@@ -124,10 +125,7 @@ class Run:
     @classmethod
     def from_dict(cls, values: dict) -> Run:
         """A run from :meth:`to_dict`'s output, naming any key this version does not know."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"unknown Run setting(s): {', '.join(unknown)}")
+        check_fields(cls, values)
         values = dict(values)
         if isinstance(values.get("devices"), list):
             values["devices"] = tuple(values["devices"])

@@ -24,7 +24,7 @@ def test_a_run_round_trips_through_json_and_names_unknown_settings():
     )  # fmt: skip
     assert run.devices == (0, 1) and run.loggers == ("csv", "tensorboard")
     assert Run.from_dict(json.loads(json.dumps(run.to_dict()))) == run
-    with pytest.raises(UsageError, match="unknown Run setting.*batch_size"):
+    with pytest.raises(UsageError, match="unknown Run field.*batch_size"):
         Run.from_dict({**run.to_dict(), "batch_size": 3})
 
 
