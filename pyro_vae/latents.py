@@ -278,6 +278,18 @@ class CategoricalLatent(nn.Module):
         """The most likely class of every code, ``(..., *code_shape)`` integers."""
         return encoded.argmax(-1)
 
+    def draw_tokens(
+        self, encoded: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A draw of every code from the exact categorical posterior, ``(..., *code_shape)``
+        integers (Gumbel-max, so that a ``generator`` makes it reproducible)."""
+        logits = full_precision(encoded)
+        uniform = torch.rand(
+            logits.shape, generator=generator, dtype=logits.dtype, device=logits.device
+        )
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(logits.dtype).tiny)))
+        return (logits + gumbel).argmax(-1)
+
     def one_hot(self, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Decoder input for integer ``tokens`` of shape ``(..., *code_shape)``."""
         shape = tuple(tokens.shape[tokens.dim() - len(self.code_shape) :])

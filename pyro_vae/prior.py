@@ -618,6 +618,26 @@ class TokenPrior(NamedSites, PyroModule):
 
 
 # ---------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class TokenDraws:
+    """Several draws of every training image's codes from a discrete VAE's posterior, for
+    :func:`fit_prior`: ``draws`` is ``(D, N, L)`` sequences or ``(D, N, h, w)`` grids,
+    e.g. ``tokenize_images(vae, images, draws=D)``. Epoch ``e`` trains on draw
+    ``(e - 1) mod D``, so over the epochs the prior sees the aggregate posterior (the
+    prior that maximizes the ELBO) rather than one fixed code per image."""
+
+    draws: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.draws, torch.Tensor) or self.draws.dim() < 3:
+            got = (
+                f"shape {tuple(self.draws.shape)}"
+                if isinstance(self.draws, torch.Tensor)
+                else type(self.draws).__name__
+            )
+            raise UsageError(f"TokenDraws needs (D, N, L) or (D, N, h, w) tokens, got {got}")
+
+
 class TokenBatches(Batches):
     """Mini-batches of integer token sequences (and their captions), held on the training
     device and batched by shuffled index, sharded per process as every batch source is
@@ -625,7 +645,8 @@ class TokenBatches(Batches):
     ``captions`` None for an unconditional prior. Tokens stay integers: the ``dtype``
     given to :meth:`prepare` (the weights') is not applied to them.
 
-    :param tokens: ``(N, L)`` sequences or ``(N, h, w)`` grids (flattened in raster order).
+    :param tokens: ``(N, L)`` sequences, or ``(D, N, L)``: D draws of every sequence (see
+        :class:`TokenDraws`), epoch ``e`` training on draw ``(e - 1) mod D``.
     :param captions: ``(N,)`` class indices, or None.
     """
 
@@ -636,14 +657,17 @@ class TokenBatches(Batches):
         seed: int = 0,
         captions: torch.Tensor | None = None,
     ):
-        if tokens.dim() == 3:
-            tokens = tokens.reshape(tokens.shape[0], -1)
-        if captions is not None and captions.shape != tokens.shape[:1]:
+        if tokens.dim() == 2:
+            tokens = tokens.unsqueeze(0)
+        if tokens.dim() != 3:
+            raise UsageError(f"tokens must be (N, L) or (D, N, L), got {tuple(tokens.shape)}")
+        if captions is not None and captions.shape != tokens.shape[1:2]:
             raise UsageError(
-                f"need one caption per sequence ({tokens.shape[0]}), got {tuple(captions.shape)}"
+                f"need one caption per sequence ({tokens.shape[1]}), got {tuple(captions.shape)}"
             )
-        super().__init__(tokens.shape[0], batch_size, seed, None, None, None)
-        self.tokens = tokens.long()
+        super().__init__(tokens.shape[1], batch_size, seed, None, None, None)
+        # draws are kept compact (int32 for any codebook) and made long batch by batch
+        self.tokens = tokens.to(torch.int32)
         self.captions = None if captions is None else captions.long()
 
     def place(self, device: torch.device) -> None:
@@ -655,9 +679,10 @@ class TokenBatches(Batches):
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """The ``(tokens, captions)`` batches of ``epoch`` from batch number ``start`` on."""
         order = self._order(epoch).to(self.tokens.device)
+        draw = self.tokens[(epoch - 1) % self.tokens.shape[0]]
         for i in range(start, len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.tokens[index], None if self.captions is None else self.captions[index]
+            yield draw[index].long(), None if self.captions is None else self.captions[index]
 
 
 class TokenPriorLoss(nn.Module):
@@ -725,7 +750,7 @@ class TokenPriorObjective(Objective):
 
 def fit_prior(
     prior: TokenPrior,
-    tokens: torch.Tensor,
+    tokens: torch.Tensor | TokenDraws,
     captions: torch.Tensor | None = None,
     test: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
@@ -739,7 +764,9 @@ def fit_prior(
     learning rate, loggers, checkpoint and Ctrl-C handling.
 
     :param tokens: ``(N, L)`` integer sequences or ``(N, h, w)`` grids (raster order),
-        e.g. ``vae.tokenize(images)``.
+        e.g. ``vae.tokenize(images)``; or :class:`TokenDraws`, several draws of each
+        image's codes from the VAE's posterior, which is what a prior that improves the
+        VAE's bound must model (:func:`pyro_vae.tokenizer.tokenize_images`).
     :param captions: ``(N,)`` class indices, for (and only for) a conditional prior.
     :param test: held-out tokens (with their captions, as a tuple, for a conditional
         prior); their negative log-likelihood is recorded after each epoch as
@@ -750,7 +777,12 @@ def fit_prior(
     :returns: the run's :class:`~pyro_vae.history.History`; the prior is left in eval mode.
     """
     run = run or Run()
-    tokens, held_out = _checked_data(prior, tokens, captions, test, batch_size, run)
+    if isinstance(tokens, TokenDraws):
+        draws = tokens.draws
+        checked = [_checked_data(prior, d, captions, test, batch_size, run) for d in draws]
+        tokens, held_out = torch.stack([c[0] for c in checked]), checked[0][1]
+    else:
+        tokens, held_out = _checked_data(prior, tokens, captions, test, batch_size, run)
     prior.cpu().train()
     batches = TokenBatches(tokens, batch_size, run.seed, captions)
     objective = TokenPriorObjective(prior, batches.num_data, held_out)

@@ -14,20 +14,48 @@ import torch
 
 from . import evaluate
 from .data import fixed_preprocess
+from .errors import UsageError
 
 
 @torch.no_grad()
-def tokenize_images(vae, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Tokens of many images, ``batch_size`` at a time, on the CPU.
+def tokenize_images(
+    vae, images: torch.Tensor, batch_size: int = 1000, draws: int | None = None, seed: int = 0
+) -> torch.Tensor:
+    """Tokens of many images, ``batch_size`` at a time, on the VAE's device, returned on
+    the CPU.
 
     :param images: ``(N, C, H, W)``; uint8 images get the fixed, seeded preprocessing of a
         held-out split (binarization or dequantization), floating-point ones are used as
         they are.
+    :param draws: None: the most likely code of every position, ``(N, *code_shape)``. An
+        integer D: D independent draws of each image's codes from the posterior q(z | x),
+        ``(D, N, *code_shape)``, each with its own preprocessing of uint8 images (as
+        training binarizes afresh). The prior that maximizes the ELBO for a fixed encoder
+        is the aggregate posterior, the mixture of q(z | x) over the data, so that is
+        what a learned prior should be fitted to; the most likely codes of a broad
+        posterior are a different, much narrower distribution.
+    :param seed: of the draws and their preprocessing.
     """
     device = next(vae.parameters()).device
-    data = fixed_preprocess(images, vae.likelihood.preprocessing)
+    how = vae.likelihood.preprocessing
+    if draws is None:
+        return _tokenize(vae, fixed_preprocess(images, how), batch_size, device, None)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise UsageError(f"draws must be a positive integer or None, got {draws!r}")
+    generator = torch.Generator(device).manual_seed(seed)
+    return torch.stack([
+        _tokenize(vae, fixed_preprocess(images, how, seed=seed + d), batch_size, device, generator)
+        for d in range(draws)
+    ])  # fmt: skip
+
+
+def _tokenize(vae, data, batch_size, device, generator) -> torch.Tensor:
     chunks = [
-        vae.tokenize(data[start : start + batch_size].to(device)).cpu()
+        vae.tokenize(
+            data[start : start + batch_size].to(device),
+            draw=generator is not None,
+            generator=generator,
+        ).cpu()
         for start in range(0, data.shape[0], batch_size)
     ]
     return torch.cat(chunks)

@@ -727,10 +727,20 @@ class VAE(NamedSites, PyroModule):
         return self.decode(self.latent.prior((num_images,), like).sample())
 
     # ----------------------------------------------------------------- discrete codes
-    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+    def tokenize(
+        self, x: torch.Tensor, draw: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Integer codes of images: the posterior's most likely class of every code,
-        ``(batch, groups)`` for an MLP or ``(batch, H/4, W/4)`` for a conv grid."""
-        return self._categorical("tokenize").tokens(self.encoder(x))
+        ``(batch, groups)`` for an MLP or ``(batch, H/4, W/4)`` for a conv grid.
+
+        :param draw: a draw from the categorical posterior q(z | x) instead of its most
+            likely class (what a prior fitted to maximize the ELBO must model: see
+            :func:`pyro_vae.tokenizer.tokenize_images`).
+        :param generator: of the draw, for reproducible codes.
+        """
+        latent = self._categorical("tokenize")
+        encoded = self.encoder(x)
+        return latent.draw_tokens(encoded, generator) if draw else latent.tokens(encoded)
 
     def detokenize(self, tokens: torch.Tensor) -> torch.Tensor:
         """The decoder's mean image for each grid or row of integer ``tokens``."""

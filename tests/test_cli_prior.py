@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,49 @@ def test_fit_prior_writes_a_run_folder_that_resumes(runs, mnist_dir, capsys):
     assert history(run)[:2] == rows
 
 
+def test_the_prior_fitted_to_posterior_draws_raises_the_held_out_bound(runs, mnist_test):
+    """fit-prior's default codes are draws from the VAE's posterior, so the prior's held-out
+    nats estimate the bound's prior term: lower than the uniform prior's, and with the
+    same draws of z (one seed) the learned prior's bound is higher by that difference."""
+    import pyro
+
+    from pyro_vae import evaluate, load_vae
+    from pyro_vae.data import fixed_preprocess
+
+    metrics = json.loads((runs / "prior" / "metrics.json").read_text())
+    assert metrics["tokens"]["codes"] == "10 draws from the posterior q(z | x)"
+    uniform_nats = 4 * math.log(4)  # 4 codes of 4
+    assert metrics["test_nats"] < uniform_nats
+    vae = load_vae(runs / "dvae" / "checkpoint.pt")
+    prior = load_prior(runs / "prior" / "checkpoint.pt")
+    x = fixed_preprocess(mnist_test.images[:200], vae.likelihood.preprocessing)
+    bounds = {}
+    for name, model in (("uniform", vae.eval()), ("learned", vae.with_prior(prior))):
+        pyro.set_rng_seed(0)
+        bounds[name] = evaluate.elbo(model, x, num_particles=20).double()
+    gain = bounds["learned"] - bounds["uniform"]  # per image: log p(z) - log uniform, paired
+    assert gain.mean() > 3 * gain.std() / math.sqrt(len(gain)), gain.mean()
+    assert gain.mean().item() == pytest.approx(uniform_nats - metrics["test_nats"], abs=0.1)
+
+
+def test_samples_png_is_redrawn_each_epoch_without_touching_the_training_rng(runs, tmp_path):
+    import argparse
+
+    from pyro_vae import load_vae
+    from pyro_vae.cli.fit_prior import epoch_reporter
+
+    prior = load_prior(runs / "prior" / "checkpoint.pt").train()
+    vae = load_vae(runs / "dvae" / "checkpoint.pt").eval()
+    args = argparse.Namespace(no_progress=False, seed=3, epochs=1)
+    report = epoch_reporter(args, tmp_path / "samples.png", prior, vae, None)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    report(None)  # the record is only printed, and only under --no-progress
+    assert (tmp_path / "samples.png").is_file() and prior.training
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_fit_prior_reads_a_token_file_with_its_labels_as_captions(runs, mnist_dir, capsys):
     dvae, tokens = runs / "dvae" / "checkpoint.pt", runs / "tokens.pt"
     code, _, err = pyro_vae(
@@ -95,7 +139,12 @@ def test_fit_prior_reads_a_token_file_with_its_labels_as_captions(runs, mnist_di
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["tokens"]["train_images"], metrics["tokens"]["test_images"]) == (270, 30)
     assert metrics["captions"]["source"].startswith("the labels of")
+    assert metrics["tokens"]["codes"] == "the most likely codes"
     assert (out / "samples.png").is_file()  # decoded by the token file's own checkpoint
+    code, _, err = pyro_vae(
+        capsys, "fit-prior", "--tokens", tokens, "--codes", "posterior", "--out", runs / "never"
+    )
+    assert_one_line_error(code, err, "--codes", "token file")
 
 
 def test_fit_prior_takes_a_folders_class_subfolders_as_captions(runs, mnist_test, tmp_path, capsys):
@@ -177,10 +226,11 @@ def test_errors_are_one_line(runs, mnist_dir, tmp_path, capsys):
     # an unconditional prior takes no --caption
     code, _, err = pyro_vae(
         capsys, "fit-prior", "--checkpoint", dvae, *PRIOR, *DATA, "--data-dir", mnist_dir,
-        "--epochs", 1, "--no-captions", "--out", tmp_path / "plain",
+        "--epochs", 1, "--no-captions", "--codes", "argmax", "--out", tmp_path / "plain",
     )  # fmt: skip
     assert code == 0, err
-    assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["captions"] is None
+    metrics = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert metrics["captions"] is None and metrics["tokens"]["codes"] == "the most likely codes"
     plain = tmp_path / "plain" / "checkpoint.pt"
     code, _, err = pyro_vae(
         capsys, "generate", "--checkpoint", dvae, "--prior", plain, "--caption", 3,

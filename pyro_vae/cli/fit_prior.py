@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from pyro_vae import VAE, load_vae, plots
 from pyro_vae.data import TEST_SEED, ImageSet, fixed_preprocess, split_folder
 from pyro_vae.devices import resolve_device
 from pyro_vae.errors import DataError, UsageError
-from pyro_vae.history import History
-from pyro_vae.prior import TokenPrior, TokenPriorConfig, fit_prior
+from pyro_vae.history import EpochRecord, History
+from pyro_vae.prior import TokenDraws, TokenPrior, TokenPriorConfig, fit_prior
 from pyro_vae.tokenizer import tokenize_images
 
 from .common import (
@@ -68,8 +69,9 @@ class Classes:
 
 @dataclass(frozen=True)
 class TokenData:
-    """Training and held-out tokens (``(N, *grid)``, one code grid or row per image), their
-    labels where the data has them, and why there are none otherwise."""
+    """Training and held-out tokens (``(N, *grid)``, one code grid or row per image, or
+    for the training set ``(D, N, *grid)``, D posterior draws of each), their labels
+    where the data has them, and why there are none otherwise."""
 
     train: torch.Tensor
     test: torch.Tensor
@@ -79,11 +81,34 @@ class TokenData:
     classes: Classes | None = None
     #: why the data has no captions (for the message of ``--captions``).
     unlabelled: str = "the data has no labels"
+    #: D when ``train`` holds D posterior draws of each image's codes, else None.
+    draws: int | None = None
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The shape of one image's codes."""
+        return tuple(self.test.shape[1:])
 
     @property
     def length(self) -> int:
         """Tokens per image."""
-        return math.prod(self.train.shape[1:])
+        return math.prod(self.grid)
+
+    @property
+    def train_images(self) -> int:
+        """Training images (each drawn ``draws`` times, if drawn)."""
+        return int(self.train.shape[0 if self.draws is None else 1])
+
+    @property
+    def codes(self) -> str:
+        """Which codes of each training image the prior is fitted to, in words."""
+        if self.draws is None:
+            return "the most likely codes"
+        return f"{self.draws} draws from the posterior q(z | x)"
+
+    def training_tokens(self) -> torch.Tensor | TokenDraws:
+        """What :func:`fit_prior` takes."""
+        return self.train if self.draws is None else TokenDraws(self.train)
 
 
 def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
@@ -111,6 +136,20 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
         "token file's labels); default: when the data has labels",
     )
     source.add_argument(
+        "--codes",
+        choices=("posterior", "argmax"),
+        default=None,
+        help="--checkpoint: fit the prior to draws of each image's codes from the VAE's "
+        "posterior (default: what improves the VAE's bound) or to the most likely codes "
+        "(what pyro-vae tokenize writes)",
+    )
+    source.add_argument(
+        "--draws",
+        type=int,
+        default=10,
+        help="--codes posterior: draws per training image; epoch e trains on draw e mod D",
+    )
+    source.add_argument(
         "--tokenize-batch-size", type=int, default=1000, help="images tokenized at once"
     )
     add_prior_args(p.add_argument_group("prior"))
@@ -136,7 +175,9 @@ def main(args: argparse.Namespace) -> None:
     On Ctrl-C the checkpoint is saved, ``history.csv`` and ``metrics.json`` are written
     for the finished epochs, and the command exits with status 130 (no picture).
     """
-    require_positive(args, "epochs", "batch_size", "limit", "test_limit", "tokenize_batch_size")
+    require_positive(
+        args, "epochs", "batch_size", "limit", "test_limit", "tokenize_batch_size", "draws"
+    )
     require_positive(args, "layers", "heads", "embd")
     if args.checkpoint is None and args.tokens is None:
         raise UsageError(
@@ -145,6 +186,11 @@ def main(args: argparse.Namespace) -> None:
         )
     if args.test_tokens is not None and args.tokens is None:
         raise UsageError("--test-tokens goes with --tokens (the training token file)")
+    if args.codes is not None and args.tokens is not None:
+        raise UsageError(
+            "--codes applies when fit-prior tokenizes the images (--checkpoint without "
+            "--tokens); a token file's codes are used as they are"
+        )
     args.out = out = args.out or Path("runs") / "prior"
     settings = run_from_args(args, out)
     run_checkpoint(out, args.resume, args.out_from_config)
@@ -159,11 +205,11 @@ def main(args: argparse.Namespace) -> None:
     history, interrupted = train_or_interrupt(
         lambda: fit_prior(
             prior,
-            data.train,
+            data.training_tokens(),
             data.train_labels,
             test,
             batch_size=args.batch_size,
-            on_epoch=epoch_printer(args),
+            on_epoch=epoch_reporter(args, out / "samples.png", prior, vae, data.classes),
             run=settings,
         ),
         settings,
@@ -174,13 +220,31 @@ def main(args: argparse.Namespace) -> None:
         report_interrupt(settings, history)
     if history.rank != 0:
         return
-    picture = ""
-    if vae is not None:
-        write_samples(out / "samples.png", prior, vae, data.classes, args.seed)
-        picture = " samples.png"
+    picture = " samples.png" if vae is not None else ""
     print(f"wrote {out}/: config.json history.csv metrics.json checkpoint.pt{picture} logs/")
     if vae is None:
         print("no samples.png: give --checkpoint, the VAE of the tokens, to decode samples")
+
+
+def epoch_reporter(
+    args: argparse.Namespace,
+    path: Path,
+    prior: TokenPrior,
+    vae: VAE | None,
+    classes: Classes | None,
+) -> Callable[[EpochRecord], None] | None:
+    """``fit_prior``'s ``on_epoch``: the epoch's line under ``--no-progress``, and with a
+    VAE to decode them, ``samples.png`` redrawn after every epoch (seeded, the same
+    captions each time, so the pictures of successive epochs compare)."""
+    printer = epoch_printer(args)
+
+    def report(record: EpochRecord) -> None:
+        if printer is not None:
+            printer(record)
+        if vae is not None:
+            write_samples(path, prior, vae, classes, args.seed)
+
+    return report if printer is not None or vae is not None else None
 
 
 def prior_config(args: argparse.Namespace, data: TokenData) -> TokenPriorConfig:
@@ -258,11 +322,11 @@ def load_token_data(args: argparse.Namespace, device: torch.device) -> tuple[Tok
     if args.captions is False:
         data = replace(data, train_labels=None, test_labels=None, classes=None)
     if is_first_process():
-        grid = " x ".join(map(str, data.train.shape[1:]))
+        grid = " x ".join(map(str, data.grid))
         captions = "no captions" if data.classes is None else data.classes.source
         print(
-            f"tokens: {data.train.shape[0]} training and {data.test.shape[0]} held-out images "
-            f"as {grid} codes of {data.vocab_size}; captions: {captions}",
+            f"tokens: {data.train_images} training and {data.test.shape[0]} held-out images "
+            f"as {grid} codes of {data.vocab_size} ({data.codes}); captions: {captions}",
             flush=True,
         )
     return data, vae
@@ -273,9 +337,15 @@ def tokens_of_images(vae: VAE, args: argparse.Namespace) -> TokenData:
     device, with their labels where the data has them."""
     train, train_labels, test, classes = labelled_images(args)
     batch = args.tokenize_batch_size
+    draws = None if args.codes == "argmax" else args.draws
+    if draws is None:
+        held_out = tokenize_images(vae, test.images, batch)
+    else:  # one draw of each held-out image: its nats estimate the bound's prior term
+        held_out = tokenize_images(vae, test.images, batch, draws=1, seed=TEST_SEED)[0]
     return TokenData(
-        train=tokenize_dataset(vae, train, batch, args.num_workers),
-        test=tokenize_images(vae, test.images, batch),
+        train=tokenize_dataset(vae, train, batch, args.num_workers, draws, args.seed),
+        test=held_out,
+        draws=draws,
         vocab_size=vae.latent.codebook_size,
         train_labels=train_labels,
         test_labels=test.labels,
@@ -328,18 +398,31 @@ def folder_labels(train: Subset, root: Path) -> tuple[torch.Tensor, torch.Tensor
 
 
 def tokenize_dataset(
-    vae: VAE, images: ImageSet | Dataset, batch_size: int, num_workers: int
+    vae: VAE,
+    images: ImageSet | Dataset,
+    batch_size: int,
+    num_workers: int,
+    draws: int | None = None,
+    seed: int = 0,
 ) -> torch.Tensor:
     """Tokens of an ImageSet, or of a streamed Dataset read ``batch_size`` images at a
-    time (each batch preprocessed with its own fixed seed, as held-out data is)."""
+    time: the most likely codes ``(N, *grid)`` (each streamed batch preprocessed with its
+    own fixed seed, as held-out data is), or ``draws`` posterior draws ``(D, N, *grid)``
+    (:func:`~pyro_vae.tokenizer.tokenize_images`)."""
     if isinstance(images, ImageSet):
-        return tokenize_images(vae, images.images, batch_size)
+        return tokenize_images(vae, images.images, batch_size, draws, seed)
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers)
     how = vae.likelihood.preprocessing
+    if draws is None:
+        return torch.cat([
+            tokenize_images(vae, fixed_preprocess(batch, how, seed=TEST_SEED + i), batch_size)
+            for i, batch in enumerate(loader)
+        ])  # fmt: skip
+    # a streamed batch is uint8 or ready data; tokenize_images preprocesses each draw
     return torch.cat([
-        tokenize_images(vae, fixed_preprocess(batch, how, seed=TEST_SEED + i), batch_size)
+        tokenize_images(vae, batch, batch_size, draws, seed + i * draws)
         for i, batch in enumerate(loader)
-    ])  # fmt: skip
+    ], dim=1)  # fmt: skip
 
 
 def tokens_of_files(args: argparse.Namespace) -> tuple[TokenData, str | None]:
@@ -412,11 +495,12 @@ def write_metrics(
         "unit": "nats per image (all its tokens), bits per token",
         "uniform_bits_per_token": math.log2(data.vocab_size),
         "tokens": {
-            "grid": list(data.train.shape[1:]),
+            "grid": list(data.grid),
             "vocab_size": data.vocab_size,
-            "train_images": int(data.train.shape[0]),
+            "train_images": data.train_images,
             "test_images": int(data.test.shape[0]),
             "source": str(args.tokens or args.checkpoint),
+            "codes": data.codes,
         },
         "captions": None
         if data.classes is None
@@ -434,18 +518,23 @@ def write_samples(
     """A grid of images decoded from prior samples: a row per class of a conditional prior
     (the first :data:`MAX_ROWS`), or :data:`UNCONDITIONAL_SAMPLES` images."""
     device = next(vae.parameters()).device
-    prior.to(device).eval()
-    pyro.set_rng_seed(seed)
-    if prior.config.conditional:
-        rows = min(prior.config.num_classes, MAX_ROWS)
-        captions = torch.arange(rows, device=device).repeat_interleave(PER_ROW)
-        images = decode_tokens(vae, prior.sample(captions=captions))
-        names = ", ".join(classes.names[:rows]) if classes is not None else ""
-        title = f"decoded prior samples, a row per class: {names}"
-        figure = plots.image_grid(images, title, ncol=PER_ROW)
-    else:
-        images = decode_tokens(vae, prior.sample(UNCONDITIONAL_SAMPLES))
-        figure = plots.image_grid(images, "decoded samples of the token prior")
+    training = prior.training
+    # drawn with their own seed, leaving the training's random state as it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        prior.eval()
+        with torch.no_grad():
+            if prior.config.conditional:
+                rows = min(prior.config.num_classes, MAX_ROWS)
+                captions = torch.arange(rows, device=device).repeat_interleave(PER_ROW)
+                images = decode_tokens(vae, prior.sample(captions=captions))
+                names = ", ".join(classes.names[:rows]) if classes is not None else ""
+                title = f"decoded prior samples, a row per class: {names}"
+                figure = plots.image_grid(images, title, ncol=PER_ROW)
+            else:
+                images = decode_tokens(vae, prior.sample(UNCONDITIONAL_SAMPLES))
+                figure = plots.image_grid(images, "decoded samples of the token prior")
+        prior.train(training)
     plots.save(figure, path)
 
 
