@@ -7,7 +7,8 @@ Writes, under ``--out``:
 - ``gaussian.pt``: decoder means of prior draws of a Gaussian-latent VAE (``--gaussian``);
 - ``uniform.pt``: a discrete VAE's images decoded from uniformly drawn codes (``--dvae``);
 - ``learned.pt``: the same VAE's images from codes drawn by its learned prior
-  (``--prior``), with the captions they were drawn for (a conditional prior);
+  (``--prior``), with the captions they were drawn for (a conditional prior); with
+  ``--temperatures``, one file ``learned-T<t>.pt`` per sampling temperature instead;
 - ``bound.json``: the importance-weighted bound (K = ``--particles``) of the first
   ``--test-images`` test images under the discrete VAE with each prior;
 
@@ -49,12 +50,15 @@ def samples(args: argparse.Namespace) -> None:
     captions = torch.arange(10).repeat_interleave(args.per_class)
     if not prior.config.num_classes:
         captions = None
-    tokens = prior.sample(None if captions is not None else n, captions)
-    grid = tokens.reshape(-1, *dvae.latent.code_shape)
-    saved = {"images": to_uint8(dvae.detokenize(grid))}
-    if captions is not None:
-        saved["captions"] = captions
-    torch.save(saved, args.out / "learned.pt")
+    for t in args.temperatures or [1.0]:
+        pyro.set_rng_seed(args.seed)
+        tokens = prior.sample(None if captions is not None else n, captions, temperature=t)
+        grid = tokens.reshape(-1, *dvae.latent.code_shape)
+        saved = {"images": to_uint8(dvae.detokenize(grid)), "temperature": t}
+        if captions is not None:
+            saved["captions"] = captions
+        name = "learned.pt" if args.temperatures is None else f"learned-T{t:g}.pt"
+        torch.save(saved, args.out / name)
 
 
 @torch.no_grad()
@@ -86,11 +90,17 @@ def main() -> None:
     p.add_argument("--test-images", type=int, default=500)
     p.add_argument("--particles", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--temperatures", type=float, nargs="+", help="sampling temperatures of the prior"
+    )
+    p.add_argument("--no-bound", action="store_true", help="samples only, no bound.json")
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     p.add_argument("--out", type=Path, default=Path("runs/prior_quality"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     samples(args)
+    if args.no_bound:
+        return
     result = bounds(args)
     (args.out / "bound.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -2,7 +2,7 @@
 """Time to draw token grids from the autoregressive prior, with and without its KV cache.
 
 The prior of the default size (4 blocks of width 128, 4 heads) over 7 x 7 grids of a
-codebook of 10, an MNIST conv VAE's codes, draws ``--num`` sequences: once with
+codebook of ``--vocab`` (32), an MNIST conv VAE's codes, draws ``--num`` sequences: once with
 ``TokenPrior.sample`` (key/value cache, one new position per step: L steps over one
 position each) and once by running the whole prefix through the network at every step
 (L steps over 1, 2, ..., L positions). Repeats alternate the two, so that load on a
@@ -48,6 +48,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num", type=int, default=1000, help="sequences drawn at once")
     p.add_argument("--grid", type=int, default=7, help="grid side (L = grid^2 tokens)")
+    p.add_argument("--vocab", type=int, default=32, help="codebook size")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--device", default="cpu")
@@ -56,7 +57,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = TokenPriorConfig(vocab_size=10, length=args.grid**2)
+    config = TokenPriorConfig(vocab_size=args.vocab, length=args.grid**2)
     prior = TokenPrior(config).to(args.device).eval()
     prior.sample(8)  # warm-up
     rows = {"cached": [], "uncached": []}
@@ -72,6 +73,10 @@ def main() -> None:
         if seconds:
             shown = " ".join(f"{s:.2f}" for s in seconds)
             print(f"{name:>9}: {shown}  median {statistics.median(seconds):.2f} s")
+    if rows["uncached"]:
+        ratios = [u / c for c, u in zip(rows["cached"], rows["uncached"], strict=True)]
+        shown = " ".join(f"{r:.2f}" for r in ratios)
+        print(f"uncached / cached, each repeat: {shown}  median {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":
