@@ -12,6 +12,8 @@ processes with each other and with a single-process reference.
   hold a NaN; writes the error each process got.
 - ``lost``: process 1 is killed (SIGKILL) in its second epoch; process 0 writes the error
   it got.
+- ``prior``: a token prior trained by ``fit_prior`` on posterior draws (``TokenDraws``);
+  writes the weights and history.
 - ``gradient``: one backward pass of the ELBO module under DDP on each process's half of
   a batch, each with its own seed; writes the averaged gradients.
 """
@@ -31,6 +33,7 @@ from pyro_vae import VAE, Run, fit
 from pyro_vae.data import epoch_permutation, fixed_preprocess, load_mnist
 from pyro_vae.devices import make_fabric
 from pyro_vae.errors import DataError, ProcessLostError, TrainingDivergedError
+from pyro_vae.prior import TokenDraws, TokenPrior, fit_prior
 from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae
 from pyro_vae.train import ELBOLoss
 
@@ -52,6 +55,25 @@ class StreamedImages(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.images[index]
+
+
+PRIOR_BATCH = 32  # the batch of both processes together
+
+
+def small_prior() -> TokenPrior:
+    pyro.set_rng_seed(0)
+    return TokenPrior(vocab_size=5, length=6, num_classes=3, n_layer=1, n_head=2, n_embd=16)
+
+
+def prior_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three draws of 96 sequences with their captions: a caption-dependent pattern with
+    noise, so that the three epochs see different tokens."""
+    generator = torch.Generator().manual_seed(5)
+    captions = torch.randint(0, 3, (96,), generator=generator)
+    pattern = (captions.unsqueeze(1) + torch.arange(6)) % 5
+    noise = torch.randint(0, 5, (3, 96, 6), generator=generator)
+    keep = torch.rand(3, 96, 6, generator=generator) < 0.7
+    return torch.where(keep, pattern, noise), captions
 
 
 def small_vae() -> VAE:
@@ -139,6 +161,14 @@ def main(mode: str, out: Path, mnist: Path) -> None:
             result = {"error": None}
         except DataError as error:
             result = {"error": str(error)}
+    elif mode == "prior":
+        prior = small_prior()
+        draws, captions = prior_data()
+        history = fit_prior(
+            prior, TokenDraws(draws), captions, test=(draws[0, :40], captions[:40]),
+            batch_size=PRIOR_BATCH // 2, run=DDP.replace(epochs=3, lr=1e-2),
+        )  # fmt: skip
+        result = {"weights": prior.state_dict(), "history": history.to_rows()}
     elif mode == "lost":
         # process 1 is killed (as by kill -9) at its third step: process 0 must stop with
         # one line that says so and names the checkpoint to resume from

@@ -70,6 +70,40 @@ def test_two_processes_train_identical_weights_and_resume_from_one_checkpoint(mn
     assert not torch.equal(*saved["rng"]["torch"])  # each process draws its own noise
 
 
+def test_two_processes_train_the_token_prior_as_one_process_does_with_their_whole_batch(
+    mnist_dir, tmp_path
+):
+    """Each process takes every other sequence of the epoch's order, DDP averages the two
+    halves' gradients, and each half's loss is scaled to the data set: the steps are the
+    single process's steps on the whole batch, so the weights agree with its weights."""
+    from pyro_vae.prior import TokenDraws, fit_prior
+
+    first, second = launch_two("prior", tmp_path, mnist_dir)
+    for name, weight in first["weights"].items():
+        assert torch.equal(weight, second["weights"][name]), name
+    alone = ddp_worker.small_prior()
+    draws, captions = ddp_worker.prior_data()
+    history = fit_prior(
+        alone, TokenDraws(draws), captions, test=(draws[0, :40], captions[:40]),
+        batch_size=ddp_worker.PRIOR_BATCH,
+        run=Run(accelerator="cpu", epochs=3, lr=1e-2, progress=False),
+    )  # fmt: skip
+    initial = ddp_worker.small_prior().state_dict()
+    for name, weight in alone.state_dict().items():
+        assert not torch.equal(weight, initial[name]), f"{name} did not move"
+        theirs = first["weights"][name]
+        if name.endswith("qkv.bias"):
+            # the keys' bias adds one constant to a query's scores, which the softmax
+            # ignores: its gradient is rounding noise, which Adam scales to full steps
+            keep = torch.ones_like(weight, dtype=torch.bool)
+            keep[16:32] = False  # [queries, keys, values] of width n_embd = 16
+            weight, theirs = weight[keep], theirs[keep]
+        assert torch.allclose(theirs, weight, atol=1e-6, rtol=1e-5), name
+    assert [r["test_nats"] for r in first["history"]] == pytest.approx(
+        history.column("test_nats"), rel=1e-4
+    )
+
+
 def test_the_average_of_two_processes_gradients_is_the_whole_batch_gradient(mnist_dir, tmp_path):
     """DDP averages; the plate scales each half to the data set; so the result is the
     gradient of the whole batch's ELBO estimate, with the same noise."""

@@ -401,4 +401,3 @@ def test_fit_prior_refuses_what_it_cannot_do(tmp_path):
         fit_prior(prior, tokens, run=Run(compile=True, progress=False))
     with pytest.raises(UsageError, match="frozen"), prior.frozen():
         fit_prior(prior, tokens)
-
