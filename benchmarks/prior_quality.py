@@ -43,7 +43,9 @@ def samples(args: argparse.Namespace) -> None:
     """The three generators' images, ``--per-class`` per digit (or as many in all)."""
     n = 10 * args.per_class
     pyro.set_rng_seed(args.seed)
-    torch.save({"images": to_uint8(load_vae(args.gaussian).sample(n))}, args.out / "gaussian.pt")
+    if args.gaussian is not None:
+        gaussian = load_vae(args.gaussian).sample(n)
+        torch.save({"images": to_uint8(gaussian)}, args.out / "gaussian.pt")
     dvae = load_vae(args.dvae)
     torch.save({"images": to_uint8(dvae.sample(n))}, args.out / "uniform.pt")
     prior = load_prior(args.prior)
@@ -83,7 +85,7 @@ def bounds(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--gaussian", type=Path, required=True, help="a Gaussian-latent VAE")
+    p.add_argument("--gaussian", type=Path, help="a Gaussian-latent VAE (none: no gaussian.pt)")
     p.add_argument("--dvae", type=Path, required=True, help="a relaxed-categorical VAE")
     p.add_argument("--prior", type=Path, required=True, help="its token prior")
     p.add_argument("--per-class", type=int, default=100)

@@ -618,13 +618,14 @@ class TokenPrior(NamedSites, PyroModule):
 
 
 # ---------------------------------------------------------------------------- training
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenDraws:
     """Several draws of every training image's codes from a discrete VAE's posterior, for
     :func:`fit_prior`: ``draws`` is ``(D, N, L)`` sequences or ``(D, N, h, w)`` grids,
-    e.g. ``tokenize_images(vae, images, draws=D)``. Epoch ``e`` trains on draw
-    ``(e - 1) mod D``, so over the epochs the prior sees the aggregate posterior (the
-    prior that maximizes the ELBO) rather than one fixed code per image."""
+    e.g. ``tokenize_images(vae, images, draws=D)``. The first epoch trains on the first
+    draw, the second on the second, and so on round the D, so over the epochs the prior
+    sees the aggregate posterior (the prior that maximizes the ELBO) rather than one fixed
+    code per image."""
 
     draws: torch.Tensor
 
@@ -636,6 +637,8 @@ class TokenDraws:
                 else type(self.draws).__name__
             )
             raise UsageError(f"TokenDraws needs (D, N, L) or (D, N, h, w) tokens, got {got}")
+        if self.draws.shape[0] == 0:
+            raise UsageError("TokenDraws needs at least one draw (D >= 1), got D = 0")
 
 
 class TokenBatches(Batches):
@@ -645,9 +648,11 @@ class TokenBatches(Batches):
     ``captions`` None for an unconditional prior. Tokens stay integers: the ``dtype``
     given to :meth:`prepare` (the weights') is not applied to them.
 
-    :param tokens: ``(N, L)`` sequences, or ``(D, N, L)``: D draws of every sequence (see
-        :class:`TokenDraws`), epoch ``e`` training on draw ``(e - 1) mod D``.
+    :param tokens: ``(N, L)`` sequences or ``(N, h, w)`` grids; with ``draws``,
+        ``(D, N, L)`` or ``(D, N, h, w)``: D draws of every sequence, epoch ``k`` (counted
+        from 0, as :meth:`epoch` takes it) training on draw ``k mod D``.
     :param captions: ``(N,)`` class indices, or None.
+    :param draws: whether ``tokens`` holds draws (see :class:`TokenDraws`).
     """
 
     def __init__(
@@ -656,17 +661,17 @@ class TokenBatches(Batches):
         batch_size: int,
         seed: int = 0,
         captions: torch.Tensor | None = None,
+        draws: bool = False,
     ):
-        if tokens.dim() == 2:
+        if not draws:
             tokens = tokens.unsqueeze(0)
-        if tokens.dim() != 3:
-            raise UsageError(f"tokens must be (N, L) or (D, N, L), got {tuple(tokens.shape)}")
+        tokens = tokens.reshape(tokens.shape[0], tokens.shape[1], -1)  # (D, N, L)
         if captions is not None and captions.shape != tokens.shape[1:2]:
             raise UsageError(
                 f"need one caption per sequence ({tokens.shape[1]}), got {tuple(captions.shape)}"
             )
         super().__init__(tokens.shape[1], batch_size, seed, None, None, None)
-        # draws are kept compact (int32 for any codebook) and made long batch by batch
+        # kept compact (int32 holds any codebook), made long batch by batch
         self.tokens = tokens.to(torch.int32)
         self.captions = None if captions is None else captions.long()
 
@@ -677,9 +682,10 @@ class TokenBatches(Batches):
     def epoch(
         self, epoch: int, start: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The ``(tokens, captions)`` batches of ``epoch`` from batch number ``start`` on."""
+        """The ``(tokens, captions)`` batches of ``epoch`` (0 for the first) from batch
+        number ``start`` on."""
         order = self._order(epoch).to(self.tokens.device)
-        draw = self.tokens[(epoch - 1) % self.tokens.shape[0]]
+        draw = self.tokens[epoch % self.tokens.shape[0]]
         for i in range(start, len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield draw[index].long(), None if self.captions is None else self.captions[index]
@@ -705,6 +711,8 @@ class TokenPriorObjective(Objective):
     (``test_bits_per_token``).
 
     :param test: held-out ``(tokens, captions)``, checked, or None.
+    :param draws: D when the training tokens are D posterior draws of each image, else
+        None; kept in the checkpoint, and a resumed run must have the same.
     """
 
     def __init__(
@@ -712,9 +720,10 @@ class TokenPriorObjective(Objective):
         prior: TokenPrior,
         num_data: int,
         test: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        draws: int | None = None,
     ):
         self.model, self.module = prior, TokenPriorLoss(prior, num_data)
-        self.test, self.local_test = test, None
+        self.test, self.local_test, self.draws = test, None, draws
 
     def prepare(self, rank: int, world: int, device, dtype, steps: int) -> None:
         if self.test is None:
@@ -745,7 +754,7 @@ class TokenPriorObjective(Objective):
     def checkpoint_extra(self) -> dict:
         # the engine's "config" entry is read back as a VAEConfig; the prior's own config
         # is stored (and compared on resume) under its own name
-        return {"prior_config": self.model.config.to_dict()}
+        return {"prior_config": self.model.config.to_dict(), "token_draws": self.draws}
 
 
 def fit_prior(
@@ -777,15 +786,18 @@ def fit_prior(
     :returns: the run's :class:`~pyro_vae.history.History`; the prior is left in eval mode.
     """
     run = run or Run()
-    if isinstance(tokens, TokenDraws):
-        draws = tokens.draws
-        checked = [_checked_data(prior, d, captions, test, batch_size, run) for d in draws]
-        tokens, held_out = torch.stack([c[0] for c in checked]), checked[0][1]
+    draws = tokens.draws.shape[0] if isinstance(tokens, TokenDraws) else None
+    if draws is not None:  # checked as one (D * N) set of sequences, each with its caption
+        prior.start_indices(captions, tokens.draws.shape[1], check_range=True)
+        flat = tokens.draws.flatten(0, 1)
+        repeated = None if captions is None else captions.repeat(draws)
+        checked, held_out = _checked_data(prior, flat, repeated, test, batch_size, run)
+        tokens = checked.reshape(draws, -1, checked.shape[-1])
     else:
         tokens, held_out = _checked_data(prior, tokens, captions, test, batch_size, run)
     prior.cpu().train()
-    batches = TokenBatches(tokens, batch_size, run.seed, captions)
-    objective = TokenPriorObjective(prior, batches.num_data, held_out)
+    batches = TokenBatches(tokens, batch_size, run.seed, captions, draws=draws is not None)
+    objective = TokenPriorObjective(prior, batches.num_data, held_out, draws)
     history = engine.train(objective, batches, run, on_epoch)
     prior.eval()
     return history

@@ -34,7 +34,9 @@ def tokenize_images(
         is the aggregate posterior, the mixture of q(z | x) over the data, so that is
         what a learned prior should be fitted to; the most likely codes of a broad
         posterior are a different, much narrower distribution.
-    :param seed: of the draws and their preprocessing.
+    :param seed: of the draws and their preprocessing (separate streams derived from it).
+    :returns: ``torch.long`` most likely codes, or ``torch.int32`` draws (compact: D copies
+        of a data set's codes).
     """
     device = next(vae.parameters()).device
     how = vae.likelihood.preprocessing
@@ -42,10 +44,12 @@ def tokenize_images(
         return _tokenize(vae, fixed_preprocess(images, how), batch_size, device, None)
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise UsageError(f"draws must be a positive integer or None, got {draws!r}")
-    generator = torch.Generator(device).manual_seed(seed)
+    # one seed for the Gumbel noise and one for each draw's preprocessing, all distinct
+    seeds = torch.randint(2**62, (draws + 1,), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator(device).manual_seed(int(seeds[0]))
     return torch.stack([
-        _tokenize(vae, fixed_preprocess(images, how, seed=seed + d), batch_size, device, generator)
-        for d in range(draws)
+        _tokenize(vae, fixed_preprocess(images, how, seed=int(s)), batch_size, device, generator)
+        for s in seeds[1:]
     ])  # fmt: skip
 
 
@@ -55,7 +59,9 @@ def _tokenize(vae, data, batch_size, device, generator) -> torch.Tensor:
             data[start : start + batch_size].to(device),
             draw=generator is not None,
             generator=generator,
-        ).cpu()
+        )
+        .to(torch.long if generator is None else torch.int32)
+        .cpu()
         for start in range(0, data.shape[0], batch_size)
     ]
     return torch.cat(chunks)

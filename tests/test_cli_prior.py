@@ -82,8 +82,11 @@ def test_fit_prior_writes_a_run_folder_that_resumes(runs, mnist_dir, capsys):
 
 def test_the_prior_fitted_to_posterior_draws_raises_the_held_out_bound(runs, mnist_test):
     """fit-prior's default codes are draws from the VAE's posterior, so the prior's held-out
-    nats estimate the bound's prior term: lower than the uniform prior's, and with the
-    same draws of z (one seed) the learned prior's bound is higher by that difference."""
+    nats estimate minus the bound's prior term given the caption, -E_q log p(z | c):
+    lower than the uniform prior's. The combined model marginalizes the caption, and
+    p(z) = mean_c p(z | c) >= p(z | c_true) / C, so with the same draws of z (one seed)
+    its bound gains at least (uniform - nats - log C) over the uniform prior's; and it
+    gains, by more than its standard error."""
     import pyro
 
     from pyro_vae import evaluate, load_vae
@@ -101,8 +104,9 @@ def test_the_prior_fitted_to_posterior_draws_raises_the_held_out_bound(runs, mni
         pyro.set_rng_seed(0)
         bounds[name] = evaluate.elbo(model, x, num_particles=20).double()
     gain = bounds["learned"] - bounds["uniform"]  # per image: log p(z) - log uniform, paired
-    assert gain.mean() > 3 * gain.std() / math.sqrt(len(gain)), gain.mean()
-    assert gain.mean().item() == pytest.approx(uniform_nats - metrics["test_nats"], abs=0.1)
+    se = gain.std().item() / math.sqrt(len(gain))
+    assert gain.mean() > 3 * se, gain.mean()
+    assert gain.mean() > uniform_nats - metrics["test_nats"] - math.log(10) - 3 * se
 
 
 def test_samples_png_is_redrawn_each_epoch_without_touching_the_training_rng(runs, tmp_path):
@@ -144,7 +148,11 @@ def test_fit_prior_reads_a_token_file_with_its_labels_as_captions(runs, mnist_di
     code, _, err = pyro_vae(
         capsys, "fit-prior", "--tokens", tokens, "--codes", "posterior", "--out", runs / "never"
     )
-    assert_one_line_error(code, err, "--codes", "token file")
+    assert_one_line_error(code, err, "--codes posterior", "token file")
+    code, _, err = pyro_vae(
+        capsys, "fit-prior", "--tokens", tokens, "--draws", 3, "--out", runs / "never"
+    )
+    assert_one_line_error(code, err, "--draws", "--codes posterior")
 
 
 def test_fit_prior_takes_a_folders_class_subfolders_as_captions(runs, mnist_test, tmp_path, capsys):

@@ -54,7 +54,8 @@ def test_tokenize_images_draws_d_codes_per_image_from_q_and_keeps_the_argmax_pat
     assert not torch.equal(draws[:5], tokenize_images(vae, x, batch_size=8, draws=5, seed=4))
     with torch.no_grad():
         p = vae.encoder(x).double().softmax(-1)  # (20, 6, 4)
-    freq = torch.nn.functional.one_hot(draws, 4).double().mean(0)
+    assert draws.dtype == torch.int32  # compact: D copies of a data set
+    freq = torch.nn.functional.one_hot(draws.long(), 4).double().mean(0)
     se = (p * (1 - p) / n).sqrt()
     assert ((freq - p).abs() <= 5 * se + 2e-3).all()
     assert (p.max(-1).values < 0.9).any()  # some codes are broad, so this says something
@@ -62,24 +63,57 @@ def test_tokenize_images_draws_d_codes_per_image_from_q_and_keeps_the_argmax_pat
         tokenize_images(vae, x, draws=0)
 
 
-def test_token_batches_train_epoch_e_on_draw_e_mod_d_and_resume_alike():
+def test_token_batches_train_epoch_k_on_draw_k_mod_d_and_resume_alike():
     draws = torch.arange(3).view(3, 1, 1).expand(3, 10, 4)  # draw d: every token is d
-    source = TokenBatches(draws, batch_size=4, seed=0, captions=torch.arange(10))
-    for epoch in (1, 2, 3, 4, 7):
+    source = TokenBatches(draws, batch_size=4, seed=0, captions=torch.arange(10), draws=True)
+    for epoch in (0, 1, 2, 3, 7):  # the engine counts epochs from 0
         values = {
             t.item()
             for tokens, _ in source.prepare(0, 1, "cpu").epoch(epoch)
             for t in tokens.unique()
         }
-        assert values == {(epoch - 1) % 3}, epoch
+        assert values == {epoch % 3}, epoch
     shard = source.prepare(1, 2, "cpu")
-    assert sum(len(c) for _, c in shard.epoch(2)) == 5  # half of 10
-    assert all((t == 1).all() for t, _ in shard.epoch(2))  # and its draw is epoch 2's
+    assert sum(len(c) for _, c in shard.epoch(1)) == 5  # half of 10
+    assert all((t == 1).all() for t, _ in shard.epoch(1))  # and its draw is epoch 1's
     whole = list(source.prepare(0, 1, "cpu").epoch(5))
     resumed = list(source.prepare(0, 1, "cpu").epoch(5, start=1))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(whole[1:], resumed, strict=True))
+    # without draws=True a 3-d tensor is (N, h, w) grids, as before
+    grids = TokenBatches(draws[0].reshape(10, 2, 2), batch_size=4, captions=torch.arange(10))
+    assert grids.num_data == 10 and next(iter(grids.epoch(0)))[0].shape == (4, 4)
     with pytest.raises(UsageError, match="TokenDraws needs"):
         TokenDraws(torch.zeros(4, 5, dtype=torch.long))
+    with pytest.raises(UsageError, match="at least one draw"):
+        TokenDraws(torch.zeros(0, 5, 4, dtype=torch.long))
+
+
+def test_fit_prior_trains_its_first_epoch_on_the_first_draw_and_checks_every_draw(tmp_path):
+    """Draw 0 is all code 0 and draw 1 all code 1: after one epoch the prior puts most of
+    its mass on code 0, after a second on code 1; a bad value in any draw is refused, and
+    the checkpoint records the draws so that a resume cannot silently change them."""
+    draws = torch.stack([torch.zeros(64, 3, dtype=torch.long), torch.ones(64, 3, dtype=torch.long)])
+    shape = dict(vocab_size=3, length=3, n_layer=1, n_head=2, n_embd=16)
+    path = tmp_path / "prior.pt"
+    run = Run(epochs=1, lr=3e-2, accelerator="cpu", progress=False, checkpoint=str(path))
+    pyro.set_rng_seed(0)
+    prior = TokenPrior(**shape)
+    fit_prior(prior, TokenDraws(draws), batch_size=16, run=run)
+    zeros, ones = torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)
+    assert prior.log_prob(zeros) > prior.log_prob(ones) + 1.0
+    assert torch.load(path, weights_only=True)["token_draws"] == 2
+    fit_prior(prior, TokenDraws(draws), batch_size=16, run=run.replace(epochs=2, resume=True))
+    assert prior.log_prob(ones) > prior.log_prob(zeros) + 1.0
+    with pytest.raises(Exception, match="token_draws"):  # fixed tokens where draws were
+        fit_prior(prior, draws[0], batch_size=16, run=run.replace(epochs=3, resume=True))
+    bad = draws.clone()
+    bad[1, 5, 2] = 3
+    with pytest.raises(UsageError, match="tokens must lie in 0..2"):
+        fit_prior(TokenPrior(**shape), TokenDraws(bad), batch_size=16)
+    with pytest.raises(UsageError, match="one caption per sequence, 64"):
+        fit_prior(
+            TokenPrior(**shape, num_classes=2), TokenDraws(draws), torch.zeros(5, dtype=torch.long)
+        )
 
 
 def broad_posteriors(n: int, seed: int) -> torch.Tensor:

@@ -58,6 +58,11 @@ SUMMARY = __doc__.splitlines()[0]
 #: the images of an unconditional prior.
 PER_ROW, MAX_ROWS, UNCONDITIONAL_SAMPLES = 10, 20, 64
 
+#: posterior draws of each training image under ``--codes posterior``, by default.
+DRAWS = 10
+#: the seed of the held-out images' one posterior draw (apart from any training seed).
+HELD_OUT_DRAW_SEED = 2_147_483_647
+
 
 @dataclass(frozen=True)
 class Classes:
@@ -139,15 +144,16 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
         "--codes",
         choices=("posterior", "argmax"),
         default=None,
-        help="--checkpoint: fit the prior to draws of each image's codes from the VAE's "
-        "posterior (default: what improves the VAE's bound) or to the most likely codes "
-        "(what pyro-vae tokenize writes)",
+        help="fit the prior to draws of each image's codes from the VAE's posterior "
+        "(the default with --checkpoint: what improves the VAE's bound) or to the most "
+        "likely codes (what pyro-vae tokenize writes, so a token file's codes)",
     )
     source.add_argument(
         "--draws",
         type=int,
-        default=10,
-        help="--codes posterior: draws per training image; epoch e trains on draw e mod D",
+        default=None,
+        help=f"--codes posterior: draws per training image (default {DRAWS}); the first "
+        "epoch trains on the first draw, the second on the second, round the D",
     )
     source.add_argument(
         "--tokenize-batch-size", type=int, default=1000, help="images tokenized at once"
@@ -173,7 +179,8 @@ def main(args: argparse.Namespace) -> None:
     write its run folder (process 0 only).
 
     On Ctrl-C the checkpoint is saved, ``history.csv`` and ``metrics.json`` are written
-    for the finished epochs, and the command exits with status 130 (no picture).
+    for the finished epochs (``samples.png`` is the last finished epoch's), and the
+    command exits with status 130.
     """
     require_positive(
         args, "epochs", "batch_size", "limit", "test_limit", "tokenize_batch_size", "draws"
@@ -186,11 +193,13 @@ def main(args: argparse.Namespace) -> None:
         )
     if args.test_tokens is not None and args.tokens is None:
         raise UsageError("--test-tokens goes with --tokens (the training token file)")
-    if args.codes is not None and args.tokens is not None:
+    if args.codes == "posterior" and args.tokens is not None:
         raise UsageError(
-            "--codes applies when fit-prior tokenizes the images (--checkpoint without "
-            "--tokens); a token file's codes are used as they are"
+            "--codes posterior needs fit-prior to tokenize the images (--checkpoint without "
+            "--tokens); a token file holds the most likely codes, which are used as they are"
         )
+    if args.draws is not None and (args.tokens is not None or args.codes == "argmax"):
+        raise UsageError("--draws goes with --codes posterior (draws from the VAE's posterior)")
     args.out = out = args.out or Path("runs") / "prior"
     settings = run_from_args(args, out)
     run_checkpoint(out, args.resume, args.out_from_config)
@@ -337,11 +346,11 @@ def tokens_of_images(vae: VAE, args: argparse.Namespace) -> TokenData:
     device, with their labels where the data has them."""
     train, train_labels, test, classes = labelled_images(args)
     batch = args.tokenize_batch_size
-    draws = None if args.codes == "argmax" else args.draws
+    draws = None if args.codes == "argmax" else args.draws or DRAWS
     if draws is None:
         held_out = tokenize_images(vae, test.images, batch)
-    else:  # one draw of each held-out image: its nats estimate the bound's prior term
-        held_out = tokenize_images(vae, test.images, batch, draws=1, seed=TEST_SEED)[0]
+    else:  # one draw of each held-out image, from the distribution the prior is fitted to
+        held_out = tokenize_images(vae, test.images, batch, 1, HELD_OUT_DRAW_SEED)[0]
     return TokenData(
         train=tokenize_dataset(vae, train, batch, args.num_workers, draws, args.seed),
         test=held_out,
@@ -517,10 +526,12 @@ def write_samples(
 ) -> None:
     """A grid of images decoded from prior samples: a row per class of a conditional prior
     (the first :data:`MAX_ROWS`), or :data:`UNCONDITIONAL_SAMPLES` images."""
-    device = next(vae.parameters()).device
+    # the prior may be on its training device, the VAE on another (or back on the CPU)
+    device = next(prior.parameters()).device
+    cuda = {d for d in (device, next(vae.parameters()).device) if d.type == "cuda"}
     training = prior.training
     # drawn with their own seed, leaving the training's random state as it was
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=sorted(d.index or 0 for d in cuda)):
         torch.manual_seed(seed)
         prior.eval()
         with torch.no_grad():
