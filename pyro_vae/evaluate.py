@@ -138,12 +138,43 @@ def kl_per_unit(vae, data: torch.Tensor, batch_size: int = 1000) -> torch.Tensor
         try:
             return torch.distributions.kl_divergence(q, p)
         except NotImplementedError:
+            if vae.training:
+                fix = "evaluate the model in eval mode (vae.eval()), where codes are exact"
+            else:  # e.g. a learned prior over a discrete VAE's codes, which couples them
+                fix = "this prior has no KL per unit; the ELBO's KL term is reconstruction - ELBO"
             raise UsageError(
-                f"no closed-form KL between {type(q).__name__} and {type(p).__name__}; "
-                "evaluate the model in eval mode (vae.eval()), where codes are exact"
+                f"no closed-form KL between {type(q).__name__} and {type(p).__name__}: {fix}"
             ) from None
 
     return _batched(kl, data, batch_size)
+
+
+@torch.no_grad()
+def kl_monte_carlo(
+    vae, data: torch.Tensor, num_particles: int = 10, batch_size: int = 1000
+) -> torch.Tensor:
+    """``(N,)``: KL(q(z | x) || p(z)) of every image estimated as the mean of
+    ``log q(z | x) - log p(z)`` over ``num_particles`` draws z ~ q(z | x): for priors
+    without a closed-form KL, such as a learned prior over a discrete VAE's codes."""
+
+    def kl(x: torch.Tensor) -> torch.Tensor:
+        q = vae.posterior(x)
+        z = q.sample((num_particles,))
+        return (q.log_prob(z) - vae.latent.prior(x.shape[:1], x).log_prob(z)).mean(0)
+
+    return _batched(kl, data, batch_size)
+
+
+def has_unit_kl(vae, x: torch.Tensor) -> bool:
+    """Whether :func:`kl_per_unit` has a closed form for this VAE (not for a learned prior
+    over a discrete VAE's codes, :meth:`~pyro_vae.VAE.with_prior`)."""
+    q = _units(vae.posterior(x[:1]))
+    p = _units(vae.latent.prior(x.shape[:1], x[:1]))
+    try:
+        torch.distributions.kl_divergence(q, p)
+    except NotImplementedError:
+        return False
+    return True
 
 
 @torch.no_grad()
@@ -191,9 +222,11 @@ class Evaluation:
     reconstruction_nll: float
     #: squared error of the decoder mean at the posterior code, per pixel.
     reconstruction_mse: float
-    #: KL(q(z | x) || p(z)) in closed form, and per latent unit (mean over images).
+    #: KL(q(z | x) || p(z)) in closed form, and per latent unit (mean over images); for a
+    #: prior without a KL per unit (a learned prior over codes), a Monte Carlo estimate
+    #: (:func:`kl_monte_carlo`, ``elbo_particles`` draws) and None.
     kl: float
-    kl_per_unit: list[float]
+    kl_per_unit: list[float] | None
     #: Cov_x(E_q[z_u]) per unit, and how many units exceed :data:`ACTIVE_THRESHOLD`.
     activity: list[float]
     active_units: int
@@ -282,7 +315,12 @@ def evaluate_vae(
         bound = elbo(vae, x, batch_size * 10, elbo_particles)
         iwae = iwae_log_likelihood(vae, x, num_particles, batch_size, particle_chunk, progress)
         recon = reconstruction_log_likelihood(vae, x, batch_size * 10, elbo_particles)
-    kl = kl_per_unit(vae, x).flatten(1).mean(0)
+        if has_unit_kl(vae, x):
+            kl_units = kl_per_unit(vae, x).flatten(1).mean(0)
+            kl, kl_units = kl_units.sum().item(), kl_units.tolist()
+        else:
+            kl = kl_monte_carlo(vae, x, elbo_particles, batch_size * 10).mean().item()
+            kl_units = None
     activity = unit_activity(vae, x).flatten()
     mse = _batched(lambda b: (vae.reconstruct(b) - b).pow(2).flatten(1).mean(1), x, batch_size)
     pixels = vae.config.num_pixels
@@ -299,8 +337,8 @@ def evaluate_vae(
         log_likelihood_se=_standard_error(iwae),
         reconstruction_nll=-recon.mean().item(),
         reconstruction_mse=mse.mean().item(),
-        kl=kl.sum().item(),
-        kl_per_unit=kl.tolist(),
+        kl=kl,
+        kl_per_unit=kl_units,
         activity=activity.tolist(),
         active_units=int((activity > ACTIVE_THRESHOLD).sum()),
         bits_per_dim=bits_per_dim(-iwae.mean().item(), pixels) if dequantized else None,

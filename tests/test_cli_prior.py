@@ -14,7 +14,7 @@ import torch
 
 from pyro_vae.cli.main import main
 from pyro_vae.errors import CheckpointError
-from pyro_vae.prior import TokenPrior, load_prior
+from pyro_vae.prior import COMMAND_TEMPERATURE, TokenPrior, load_prior
 from tests.helpers import assert_one_line_error, pyro_vae
 
 #: a VAE of 4 codes of 4 values, trained for seconds.
@@ -200,6 +200,8 @@ def test_generate_draws_a_row_per_class_and_completes_test_images(runs, mnist_di
     record = torch.load(out.with_suffix(".pt"), weights_only=True)
     assert record["images"].dtype == torch.uint8 and record["images"].shape == (20, 1, 28, 28)
     assert torch.equal(record["captions"], torch.arange(10).repeat_interleave(2))
+    # the command draws at its documented temperature unless told otherwise, and says so
+    assert (record["temperature"], record["top_k"]) == (COMMAND_TEMPERATURE, None)
     out = runs / "generated" / "completed.png"
     code, _, err = pyro_vae(
         capsys, "generate", *models, "--complete", "--data-dir", mnist_dir,
@@ -269,3 +271,20 @@ def test_errors_are_one_line(runs, mnist_dir, tmp_path, capsys):
 def test_the_new_commands_are_listed(capsys):
     code, out, _ = pyro_vae(capsys, "--help")
     assert code == 0 and "\n  fit-prior " in out and "\n  generate " in out
+
+
+def test_evaluate_and_ppc_take_the_prior_and_write_beside_it(runs, mnist_dir, capsys):
+    dvae, prior = runs / "dvae" / "checkpoint.pt", runs / "prior" / "checkpoint.pt"
+    common = ["--checkpoint", dvae, "--prior", prior, "--data-dir", mnist_dir]
+    code, out, err = pyro_vae(
+        capsys, "evaluate", *common, "--limit", 30, "--particles", 10, "--no-progress",
+        "--no-plots",
+    )  # fmt: skip
+    assert code == 0, err
+    record = json.loads((runs / "prior" / "evaluation.json").read_text())
+    assert record["prior"] == str(prior) and record["kl_per_unit"] is None
+    assert record["log_likelihood"] < 0 and math.isfinite(record["kl"])
+    assert not (runs / "dvae" / "evaluation.json").exists()  # the VAE's own folder is left alone
+    code, out, err = pyro_vae(capsys, "ppc", *common, "--images", 10, "--draws", 5)
+    assert code == 0, err
+    assert json.loads((runs / "prior" / "ppc" / "ppc.json").read_text())["prior"] == str(prior)

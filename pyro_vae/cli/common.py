@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae.checkpoint import load_checkpoint, load_vae
 from pyro_vae.data import ImageFolder, load_mnist, split_folder, stack_dataset
 from pyro_vae.devices import resolve_device
 from pyro_vae.errors import (
@@ -31,6 +31,7 @@ from pyro_vae.errors import (
     UsageError,
 )
 from pyro_vae.history import History
+from pyro_vae.prior import load_prior
 from pyro_vae.run import LR_SCHEDULES, PRECISIONS, Run
 
 #: mistakes a user can make; the commands report them in one line, without a traceback.
@@ -341,6 +342,36 @@ def add_device_arg(parser, prefix: str = "") -> None:
     """``--device``: auto (CUDA when a GPU is there, else the CPU), cpu, cuda or cuda:N;
     :func:`pyro_vae.devices.resolve_device` reads it and names a bad value."""
     parser.add_argument("--device", default="auto", help=f"{prefix}auto, cpu, cuda or cuda:N")
+
+
+def add_checkpoint_args(parser) -> None:
+    """``--checkpoint`` (a fitted VAE) and ``--prior`` (a fit-prior run's checkpoint, for a
+    discrete VAE): what the commands that read a fitted model take."""
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help="checkpoint.pt of a fitted VAE"
+    )
+    parser.add_argument(
+        "--prior",
+        type=Path,
+        help="a discrete VAE's learned token prior (a fit-prior run's checkpoint.pt): the "
+        "model becomes the VAE with that prior in place of the uniform one; the outputs go "
+        "beside the prior by default",
+    )
+
+
+def load_model(args: argparse.Namespace, device):
+    """The VAE of ``--checkpoint`` on ``device``, with the token prior of ``--prior`` at its
+    latent site when one is given (:meth:`pyro_vae.VAE.with_prior`)."""
+    vae = load_vae(args.checkpoint, map_location=device)
+    if getattr(args, "prior", None) is None:
+        return vae
+    return vae.with_prior(load_prior(args.prior, map_location=device))
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    """Where a reading command writes by default: beside ``--prior`` if given (so the
+    VAE's own results are not overwritten), else beside ``--checkpoint``."""
+    return (args.prior or args.checkpoint).parent
 
 
 def add_loop_args(group, epochs: int, lr: float = 1e-3) -> None:

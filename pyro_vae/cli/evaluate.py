@@ -12,15 +12,18 @@ from pathlib import Path
 import torch
 
 from pyro_vae import plots
-from pyro_vae.checkpoint import load_checkpoint, load_vae
+from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.devices import resolve_device
 from pyro_vae.evaluate import evaluate_vae, kl_per_unit, prepare_held_out
 from pyro_vae.history import History
 
 from .common import (
+    add_checkpoint_args,
     add_data_args,
     add_device_arg,
+    default_out,
     load_data,
+    load_model,
     make_out_dir,
     require_positive,
     run_main,
@@ -34,7 +37,7 @@ SUMMARY = __doc__.splitlines()[0]
 def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
     """The options of ``pyro-vae evaluate`` (and of ``scripts/evaluate.py``)."""
     p = argparse.ArgumentParser(prog=prog, description=SUMMARY)
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt of a fitted VAE")
+    add_checkpoint_args(p)
     p.add_argument(
         "--particles", type=int, default=5000, help="K of the IWAE bound (5000: the literature)"
     )
@@ -64,10 +67,10 @@ def main(args: argparse.Namespace) -> None:
     """Evaluate the checkpoint on the held-out split; write evaluation.json and pictures."""
     require_positive(args, "particles", "limit", "batch_size", "particle_chunk", "elbo_particles")
     device = resolve_device(args.device)
-    vae = load_vae(args.checkpoint, map_location=device)
+    vae = load_model(args, device)
     _, test = load_data(args)
     test = test.head(args.limit)
-    out = args.out or args.checkpoint.parent
+    out = args.out or default_out(args)
     make_out_dir(out)
     result = evaluate_vae(
         vae,
@@ -82,6 +85,7 @@ def main(args: argparse.Namespace) -> None:
     record = {
         **result.to_dict(),
         "checkpoint": str(args.checkpoint),
+        "prior": None if args.prior is None else str(args.prior),
         "device": str(device),
         "config": vae.config.to_dict(),
     }
@@ -91,6 +95,8 @@ def main(args: argparse.Namespace) -> None:
     if not args.no_plots:
         written += write_pictures(out, vae, test)
         history = History.from_rows(load_checkpoint(args.checkpoint).get("history", []))
+        if args.prior is not None:  # the prior's run has its own curves, in its folder
+            history = History.from_rows([])
         if history.epochs:
             plots.save(plots.loss_curves(history), out / "loss.png")
             written.append("loss.png")

@@ -30,7 +30,13 @@ from pyro_vae.data import TEST_SEED, ImageSet, fixed_preprocess, split_folder
 from pyro_vae.devices import resolve_device
 from pyro_vae.errors import DataError, UsageError
 from pyro_vae.history import EpochRecord, History
-from pyro_vae.prior import TokenDraws, TokenPrior, TokenPriorConfig, fit_prior
+from pyro_vae.prior import (
+    COMMAND_TEMPERATURE,
+    TokenDraws,
+    TokenPrior,
+    TokenPriorConfig,
+    fit_prior,
+)
 from pyro_vae.tokenizer import tokenize_images
 
 from .common import (
@@ -538,13 +544,18 @@ def write_samples(
             if prior.config.conditional:
                 rows = min(prior.config.num_classes, MAX_ROWS)
                 captions = torch.arange(rows, device=device).repeat_interleave(PER_ROW)
-                images = decode_tokens(vae, prior.sample(captions=captions))
+                tokens = prior.sample(captions=captions, temperature=COMMAND_TEMPERATURE)
+                images = decode_tokens(vae, tokens)
                 names = ", ".join(classes.names[:rows]) if classes is not None else ""
-                title = f"decoded prior samples, a row per class: {names}"
+                title = (
+                    f"decoded prior samples (temperature {COMMAND_TEMPERATURE}), "
+                    f"a row per class: {names}"
+                )
                 figure = plots.image_grid(images, title, ncol=PER_ROW)
             else:
-                images = decode_tokens(vae, prior.sample(UNCONDITIONAL_SAMPLES))
-                figure = plots.image_grid(images, "decoded samples of the token prior")
+                tokens = prior.sample(UNCONDITIONAL_SAMPLES, temperature=COMMAND_TEMPERATURE)
+                title = f"decoded samples of the token prior (temperature {COMMAND_TEMPERATURE})"
+                figure = plots.image_grid(decode_tokens(vae, tokens), title)
         prior.train(training)
     plots.save(figure, path)
 

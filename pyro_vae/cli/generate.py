@@ -22,7 +22,7 @@ import torch
 from pyro_vae import VAE, plots
 from pyro_vae.devices import resolve_device
 from pyro_vae.errors import UsageError
-from pyro_vae.prior import TokenPrior, load_prior, sampling_logits
+from pyro_vae.prior import COMMAND_TEMPERATURE, TokenPrior, load_prior, sampling_logits
 from pyro_vae.tokenizer import tokenize_images
 
 from .common import (
@@ -59,7 +59,14 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
         "class to complete every image as (default: each image's own label)",
     )
     p.add_argument("--n", type=int, default=64, help="images (per class with --caption all)")
-    p.add_argument("--temperature", type=float, default=1.0, help="divides the prior's logits")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=COMMAND_TEMPERATURE,
+        help="divides the prior's logits; 1 draws from the fitted prior as it is, lower "
+        f"draws closer to its most likely codes (default {COMMAND_TEMPERATURE}: the "
+        "clearest images, see docs/discrete.md)",
+    )
     p.add_argument("--top-k", type=int, help="draw each token from its K most likely values")
     p.add_argument("--seed", type=int, default=0)
     add_device_arg(p)
@@ -158,6 +165,8 @@ def samples(
     record = {
         "images": as_uint8(images),
         "captions": None if captions is None else captions.long().cpu(),
+        "temperature": args.temperature,
+        "top_k": args.top_k,
     }
     shown = images
     if ncol is not None and ncol > SHOWN_PER_CLASS:  # a picture stays readable; the file has all
@@ -246,6 +255,8 @@ def completions(
         "captions": None if captions is None else captions.cpu(),
         "originals": test.images.cpu(),
         "kept_tokens": kept,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
     }
     return figure, record
 

@@ -10,13 +10,15 @@ import json
 from pathlib import Path
 
 from pyro_vae import plots, ppc
-from pyro_vae.checkpoint import load_vae
 from pyro_vae.devices import resolve_device
 
 from .common import (
+    add_checkpoint_args,
     add_data_args,
     add_device_arg,
+    default_out,
     load_data,
+    load_model,
     make_out_dir,
     require_positive,
     run_main,
@@ -33,7 +35,7 @@ GRID_IMAGES, GRID_DRAWS = 12, 5
 def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
     """The options of ``pyro-vae ppc`` (and of ``scripts/ppc.py``)."""
     p = argparse.ArgumentParser(prog=prog, description=SUMMARY)
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt of a fitted VAE")
+    add_checkpoint_args(p)
     p.add_argument("--images", type=int, default=100, help="held-out images to check")
     p.add_argument("--draws", type=int, default=100, help="replicates (draws of z) per image")
     p.add_argument("--batch-size", type=int, default=100, help="images per vectorized pass")
@@ -49,10 +51,10 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     """Replicate held-out images from the fitted VAE, check them, write the results."""
     require_positive(args, "images", "draws", "batch_size")
-    vae = load_vae(args.checkpoint, map_location=resolve_device(args.device))
+    vae = load_model(args, resolve_device(args.device))
     _, test = load_data(args)
     images = test.head(args.images).images
-    out = make_out_dir(args.out or args.checkpoint.parent / "ppc")
+    out = make_out_dir(args.out or default_out(args) / "ppc")
 
     # everything is computed before the first file is written: a failure leaves no half set
     draws = ppc.replicate(vae, images, args.draws, batch_size=args.batch_size, seed=args.seed)
@@ -60,6 +62,7 @@ def main(args: argparse.Namespace) -> None:
     idata = ppc.to_inference_data(draws, vae)
     summary = {
         "checkpoint": str(args.checkpoint),
+        "prior": None if args.prior is None else str(args.prior),
         "images": draws.observed.shape[0],
         "draws": draws.num_draws,
         "seed": args.seed,
