@@ -166,7 +166,7 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
     )
     add_prior_args(p.add_argument_group("prior"))
     train = p.add_argument_group("training")
-    add_loop_args(train, epochs=20)
+    add_loop_args(train, epochs=10)
     train.add_argument("--batch-size", type=int, default=64, help="sequences per step")
     add_run_folder_args(p, train, "runs/prior")
     return p
