@@ -172,6 +172,9 @@ def samples(
     if ncol is not None and ncol > SHOWN_PER_CLASS:  # a picture stays readable; the file has all
         shown = images.unflatten(0, (-1, ncol))[:, :SHOWN_PER_CLASS].flatten(0, 1)
         ncol, title = SHOWN_PER_CLASS, f"{title}, the first {SHOWN_PER_CLASS} of {args.n}"
+    title += f" (temperature {args.temperature:g}" + (
+        f", top-{args.top_k})" if args.top_k is not None else ")"
+    )
     return plots.image_grid(shown, title, ncol=ncol), record
 
 
