@@ -5,7 +5,8 @@ The network is the one of the 85.42 run in docs/benchmarks.md: MLP 784-500-500-5
 Bernoulli likelihood, dynamically binarized MNIST, Adam at 1e-3, batch 100, a KL warm-up
 over the first 10 epochs. One process trains one objective, an epoch at a time, until its
 training steps have taken ``--minutes`` of wall-clock time (a stopped run resumes from its
-checkpoint and goes on to the same budget); then it evaluates the held-out bound with
+checkpoint and goes on to the same budget; ``--lr`` with a larger ``--minutes`` continues
+at another rate, as the 85.42 run's step decay did); then it evaluates the held-out bound with
 K = 5000 importance samples per test image and the active units, and writes
 ``<out>/<objective>/result.json``. Run the objectives side by side (one thread each) so that
 they share the machine alike, then ``--report`` prints the table:
@@ -51,7 +52,7 @@ def train(args: argparse.Namespace, folder: Path) -> VAE:
     pyro.set_rng_seed(0)
     vae = VAE(latent_dim=50, hidden=500, depth=2)
     checkpoint = folder / "checkpoint.pt"
-    run = Run(lr=1e-3, seed=0, accelerator="cpu", checkpoint=checkpoint, progress=False)
+    run = Run(lr=args.lr, seed=0, accelerator="cpu", checkpoint=checkpoint, progress=False)
     epoch = 0
     if checkpoint.exists():
         epoch = load_checkpoint(checkpoint)["progress"]["epoch"]
@@ -76,6 +77,8 @@ def main(args: argparse.Namespace) -> None:
     folder = args.out / args.objective
     folder.mkdir(parents=True, exist_ok=True)
     vae = train(args, folder)
+    if args.train_only:
+        return
     state = load_checkpoint(folder / "checkpoint.pt")
     vae.load_state_dict(state["model"])
     vae.eval()
@@ -113,6 +116,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--particles", type=int, default=5, help="k of iwae and dreg")
     p.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument(
+        "--lr", type=float, default=1e-3, help="Adam's rate (a resumed run takes the new one)"
+    )
+    p.add_argument("--train-only", action="store_true", help="train to --minutes, no evaluation")
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     p.add_argument("--test-images", type=int, default=10_000)
     p.add_argument("--eval-particles", type=int, default=5000)
