@@ -141,7 +141,7 @@ def kl_per_unit(vae, data: torch.Tensor, batch_size: int = 1000) -> torch.Tensor
             if vae.training:
                 fix = "evaluate the model in eval mode (vae.eval()), where codes are exact"
             else:  # e.g. a learned prior over a discrete VAE's codes, which couples them
-                fix = "this prior has no KL per unit; the ELBO's KL term is reconstruction - ELBO"
+                fix = "this prior has no KL per unit; estimate the whole KL with kl_monte_carlo"
             raise UsageError(
                 f"no closed-form KL between {type(q).__name__} and {type(p).__name__}: {fix}"
             ) from None
