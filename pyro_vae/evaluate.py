@@ -133,8 +133,7 @@ def kl_per_unit(vae, data: torch.Tensor, batch_size: int = 1000) -> torch.Tensor
     """
 
     def kl(x: torch.Tensor) -> torch.Tensor:
-        q = _units(vae.posterior(x))
-        p = _units(vae.latent.prior(x.shape[:1], x))
+        q, p = _unit_pair(vae, x)
         try:
             return torch.distributions.kl_divergence(q, p)
         except NotImplementedError:
@@ -165,11 +164,16 @@ def kl_monte_carlo(
     return _batched(kl, data, batch_size)
 
 
+def _unit_pair(vae, x: torch.Tensor):
+    """q(z_u | x) and p(z_u) of every unit, batch shape ``(N, *units)``."""
+    return _units(vae.posterior(x)), _units(vae.latent.prior(x.shape[:1], x))
+
+
+@torch.no_grad()
 def has_unit_kl(vae, x: torch.Tensor) -> bool:
     """Whether :func:`kl_per_unit` has a closed form for this VAE (not for a learned prior
     over a discrete VAE's codes, :meth:`~pyro_vae.VAE.with_prior`)."""
-    q = _units(vae.posterior(x[:1]))
-    p = _units(vae.latent.prior(x.shape[:1], x[:1]))
+    q, p = _unit_pair(vae, x[:1])
     try:
         torch.distributions.kl_divergence(q, p)
     except NotImplementedError:
