@@ -148,11 +148,40 @@ def test_fit_prior_reads_a_token_file_with_its_labels_as_captions(runs, mnist_di
     code, _, err = pyro_vae(
         capsys, "fit-prior", "--tokens", tokens, "--codes", "posterior", "--out", runs / "never"
     )
-    assert_one_line_error(code, err, "--codes posterior", "token file")
+    assert_one_line_error(code, err, "--codes posterior", "tokenize --draws D")
     code, _, err = pyro_vae(
         capsys, "fit-prior", "--tokens", tokens, "--draws", 3, "--out", runs / "never"
     )
     assert_one_line_error(code, err, "--draws", "--codes posterior")
+
+
+def test_a_token_file_with_posterior_draws_fits_the_prior_to_them(runs, mnist_dir, capsys):
+    dvae, tokens = runs / "dvae" / "checkpoint.pt", runs / "drawn-tokens.pt"
+    code, out, err = pyro_vae(
+        capsys, "tokenize", "--checkpoint", dvae, "--data-dir", mnist_dir, "--split", "test",
+        "--limit", 200, "--draws", 3, "--out", tokens,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "3 posterior draws" in out
+    record = torch.load(tokens, weights_only=True)
+    assert record["draws"].shape == (3, 200, 4) and record["tokens"].shape == (200, 4)
+    assert not torch.equal(record["draws"][0], record["draws"][1])  # draws, not copies
+    out_dir = runs / "from-drawn-tokens"
+    code, _, err = pyro_vae(
+        capsys, "fit-prior", "--tokens", tokens, *PRIOR, "--epochs", 1, "--no-progress",
+        "--accelerator", "cpu", "--out", out_dir,
+    )  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["tokens"]["codes"] == "3 draws from the posterior q(z | x)"
+    assert (metrics["tokens"]["train_images"], metrics["tokens"]["test_images"]) == (180, 20)
+    code, _, err = pyro_vae(
+        capsys, "fit-prior", "--tokens", tokens, "--codes", "argmax", *PRIOR, "--epochs", 1,
+        "--no-progress", "--accelerator", "cpu", "--out", runs / "from-drawn-argmax",
+    )  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads((runs / "from-drawn-argmax" / "metrics.json").read_text())
+    assert metrics["tokens"]["codes"] == "the most likely codes"
 
 
 def test_fit_prior_takes_a_folders_class_subfolders_as_captions(runs, mnist_test, tmp_path, capsys):

@@ -151,8 +151,9 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
         choices=("posterior", "argmax"),
         default=None,
         help="fit the prior to draws of each image's codes from the VAE's posterior "
-        "(the default with --checkpoint: what improves the VAE's bound) or to the most "
-        "likely codes (what pyro-vae tokenize writes, so a token file's codes)",
+        "(the default: what improves the VAE's bound; with --tokens, the file's draws of "
+        "pyro-vae tokenize --draws) or to the most likely codes (with --tokens, the "
+        "default when the file holds no draws)",
     )
     source.add_argument(
         "--draws",
@@ -199,13 +200,11 @@ def main(args: argparse.Namespace) -> None:
         )
     if args.test_tokens is not None and args.tokens is None:
         raise UsageError("--test-tokens goes with --tokens (the training token file)")
-    if args.codes == "posterior" and args.tokens is not None:
-        raise UsageError(
-            "--codes posterior needs fit-prior to tokenize the images (--checkpoint without "
-            "--tokens); a token file holds the most likely codes, which are used as they are"
-        )
     if args.draws is not None and (args.tokens is not None or args.codes == "argmax"):
-        raise UsageError("--draws goes with --codes posterior (draws from the VAE's posterior)")
+        raise UsageError(
+            "--draws goes with --codes posterior when fit-prior tokenizes (--checkpoint); a "
+            "token file's draws are the ones pyro-vae tokenize --draws wrote"
+        )
     args.out = out = args.out or Path("runs") / "prior"
     settings = run_from_args(args, out)
     run_checkpoint(out, args.resume, args.out_from_config)
@@ -445,7 +444,13 @@ def tokens_of_files(args: argparse.Namespace) -> tuple[TokenData, str | None]:
     with their labels when both parts have them, cut to the limits; and the checkpoint
     that the token file says made them."""
     record = load_tokens(args.tokens)
-    tokens, labels = record["tokens"], record.get("labels")
+    drawn = (args.codes or ("posterior" if "draws" in record else "argmax")) == "posterior"
+    if drawn and "draws" not in record:
+        raise UsageError(
+            f"--codes posterior: {args.tokens} holds no posterior draws; write it with "
+            "pyro-vae tokenize --draws D"
+        )
+    tokens, labels = record["draws" if drawn else "tokens"], record.get("labels")
     if args.test_tokens is not None:
         held = load_tokens(args.test_tokens)
         if (held["codebook_size"], list(held["shape"])) != (
@@ -456,12 +461,18 @@ def tokens_of_files(args: argparse.Namespace) -> tuple[TokenData, str | None]:
                 f"{args.test_tokens} holds {held['shape']} codes of {held['codebook_size']}, "
                 f"but {args.tokens} holds {record['shape']} codes of {record['codebook_size']}"
             )
-        test, test_labels = held["tokens"], held.get("labels")
+        if drawn and "draws" not in held:
+            raise UsageError(
+                f"{args.tokens} holds posterior draws but {args.test_tokens} does not; write "
+                "both with pyro-vae tokenize --draws D, or fit --codes argmax"
+            )
+        test, test_labels = held["draws"][0] if drawn else held["tokens"], held.get("labels")
     else:
-        tokens, labels, test, test_labels = hold_out(tokens, labels, args.tokens)
+        tokens, labels, test, test_labels = hold_out(tokens, labels, args.tokens, drawn)
     if labels is None or test_labels is None:
         labels = test_labels = None
-    tokens, test = tokens[: args.limit], test[: args.test_limit]
+    tokens = tokens[:, : args.limit] if drawn else tokens[: args.limit]
+    test = test[: args.test_limit]
     classes = None
     if labels is not None:
         labels, test_labels = labels[: args.limit].long(), test_labels[: args.test_limit].long()
@@ -470,23 +481,29 @@ def tokens_of_files(args: argparse.Namespace) -> tuple[TokenData, str | None]:
     data = TokenData(
         tokens, test, int(record["codebook_size"]), labels, test_labels, classes,
         unlabelled=f"token file {args.tokens} (or its held-out part) has no labels",
+        draws=tokens.shape[0] if drawn else None,
     )  # fmt: skip
     return data, record.get("checkpoint")
 
 
 def hold_out(
-    tokens: torch.Tensor, labels: torch.Tensor | None, path: Path
+    tokens: torch.Tensor, labels: torch.Tensor | None, path: Path, drawn: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """``(tokens, labels, test, test_labels)``: a seeded tenth (at least one) of one token
-    file held out, as a folder of images is split."""
-    n = tokens.shape[0]
+    file's images held out, as a folder of images is split. With ``drawn``, ``tokens`` are
+    ``(D, N, ...)`` posterior draws: the training part keeps every draw of its images, the
+    held-out part the first draw of its own."""
+    n = tokens.shape[1 if drawn else 0]
     if n < 2:
         raise DataError(f"{path} holds {n} token grid(s); holding a tenth out needs at least 2")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(TEST_SEED))
     test, train = order[: max(1, round(n / 10))], order[max(1, round(n / 10)) :]
+    train_tokens, test_tokens = (
+        (tokens[:, train], tokens[0, test]) if drawn else (tokens[train], tokens[test])
+    )
     if labels is None:
-        return tokens[train], None, tokens[test], None
-    return tokens[train], labels[train], tokens[test], labels[test]
+        return train_tokens, None, test_tokens, None
+    return train_tokens, labels[train], test_tokens, labels[test]
 
 
 # ---------------------------------------------------------------- the run folder

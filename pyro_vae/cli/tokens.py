@@ -48,6 +48,13 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
         "--decode", type=Path, metavar="TOKENS", help="decode this token file to an image grid"
     )
     p.add_argument("--count", type=int, default=64, help="--decode: images in the grid")
+    p.add_argument(
+        "--draws",
+        type=int,
+        help="also write D draws of each image's codes from the posterior q(z | x) (the "
+        "file's 'draws', (D, N, ...)), which fit-prior --tokens fits a prior to",
+    )
+    p.add_argument("--seed", type=int, default=0, help="--draws: seed of the draws")
     p.add_argument("--batch-size", type=int, default=1000)
     add_device_arg(p)
     p.add_argument(
@@ -59,7 +66,9 @@ def parser(prog: str = f"pyro-vae {COMMAND}") -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     """Write a token file of a data split, or with ``--decode`` a picture of a token file."""
-    require_positive(args, "limit", "count", "batch_size")
+    require_positive(args, "limit", "count", "batch_size", "draws")
+    if args.draws is not None and args.decode is not None:
+        raise UsageError("--draws goes with tokenizing, not with --decode")
     if args.decode is not None:
         check_figure_path(args.out, "one picture")
     elif args.out.is_dir():
@@ -100,11 +109,16 @@ def encode(vae, args: argparse.Namespace) -> None:
     }
     if images.labels is not None:
         record["labels"] = images.labels
+    if args.draws is not None:
+        record["draws"] = tokenize_images(
+            vae, images.images, args.batch_size, args.draws, args.seed
+        )
     torch.save(record, args.out)
     grid = " x ".join(map(str, tokens.shape[1:]))
+    drawn = "" if args.draws is None else f" (and {args.draws} posterior draws of each)"
     print(
-        f"wrote {args.out}: {tokens.shape[0]} images as {grid} tokens from a codebook of "
-        f"{usage['codebook_size']}; code-usage perplexity {usage['perplexity']:.1f}, "
+        f"wrote {args.out}: {tokens.shape[0]} images as {grid} tokens{drawn} from a codebook "
+        f"of {usage['codebook_size']}; code-usage perplexity {usage['perplexity']:.1f}, "
         f"{usage['unused']} codes never used"
     )
 
