@@ -25,10 +25,13 @@ Three gradient estimators, chosen by ``estimator``:
   gradients weighted by the normalized weights; for ``k = 1`` the ELBO's path-only
   estimator.
 
-A site's scale other than the plate's (a KL weight ``beta`` set with ``poutine.scale``,
-as :meth:`~pyro_vae.VAE.kl_weight` does) multiplies that site's log-density inside the
-log weight: ``log w = log p(x | z) + beta (log p(z) - log q(z | x))``, an annealed bound
-that is the IWAE bound at ``beta = 1``.
+Scales. The factor outside the log-sum-exp is the data plate's subsampling factor times
+any scale that all the model's observed sites share (``poutine.scale(c)`` around the
+whole program gives ``c`` times the bound). Any other scale (a KL weight ``beta`` on the
+latents, set with ``poutine.scale`` as :meth:`~pyro_vae.VAE.kl_weight` does, or an inner
+plate's subsampling) multiplies its site's log-density inside the log weight:
+``log w = log p(x | z) + beta (log p(z) - log q(z | x))``, an annealed bound that is the
+IWAE bound at ``beta = 1``. ``pyro.deterministic`` sites have no density and are skipped.
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ class IWAE_ELBO(ELBO):
         model_trace = prune_subsample_sites(model_trace)
         guide_trace = prune_subsample_sites(guide_trace)
         plate = _data_plate(model_trace, guide_trace)
-        scale = plate.full_size / plate.size if plate.full_size is not None else 1.0
+        scale = _outer_scale(model_trace, plate)
         fixed_q = self.estimator in ("dreg", "stl")
         log_w, values = 0.0, []
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
@@ -190,7 +193,47 @@ def _reweight_gradient(value: torch.Tensor, weights, particle_index: int, data_i
 
 
 def _sample_sites(trace) -> list[dict]:
-    return [site for site in trace.nodes.values() if site["type"] == "sample"]
+    """The sites with a density (``pyro.deterministic`` records a value and has none)."""
+    return [
+        site
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not site["infer"].get("_deterministic")
+    ]
+
+
+def _outer_scale(model_trace, plate) -> float | torch.Tensor:
+    """The factor outside the log-sum-exp: the data plate's subsampling factor, times a
+    scale that every observed site of the model shares beyond its plates' subsampling
+    (``poutine.scale`` around the whole program, as a user normalising the loss applies
+    it). Other scales (a KL weight on the latents, an inner plate's subsampling) weigh
+    their sites inside the log weights."""
+    scales = [
+        _scalar(site["scale"]) / _subsampling(site["cond_indep_stack"])
+        for site in _sample_sites(model_trace)
+        if site["is_observed"]
+    ]
+    same = (
+        scales
+        and all(isinstance(s, float) for s in scales)  # a tensor of scales: _site_weight refuses
+        and all(math.isclose(s, scales[0], rel_tol=1e-6) for s in scales)
+    )
+    return (scales[0] if same else 1.0) * _subsampling([plate])
+
+
+def _subsampling(frames) -> float:
+    """The product of the subsampling factors (full size over batch) of ``frames``."""
+    factor = 1.0
+    for frame in frames:
+        if frame.vectorized and frame.full_size is not None:
+            factor *= frame.full_size / frame.size
+    return factor
+
+
+def _scalar(scale):
+    """A site's scale as a float, unless it is a tensor of several."""
+    if isinstance(scale, torch.Tensor):
+        return scale.item() if scale.numel() == 1 else scale
+    return float(scale)
 
 
 def _data_plate(model_trace, guide_trace):
@@ -240,10 +283,10 @@ def _per_point(site: dict, log_p: torch.Tensor, particle_dims: int, data_dim: in
     return log_p.reshape(log_p.shape[keep[0]], log_p.shape[keep[1]])
 
 
-def _site_weight(site: dict, plate_scale: float):
-    """The site's own scale, the plate's subsampling factor taken out (1 but for a KL
-    weight or another ``poutine.scale``)."""
-    weight = site["scale"] / plate_scale
+def _site_weight(site: dict, outer_scale: float):
+    """The site's own scale, the factor outside the log-sum-exp taken out (1 but for a
+    KL weight or another ``poutine.scale`` on some of the sites)."""
+    weight = site["scale"] / outer_scale
     if isinstance(weight, torch.Tensor) and weight.dim() > 0:
         raise UsageError(
             f"IWAE_ELBO takes one scale per site, but site {site['name']!r} has a scale of "

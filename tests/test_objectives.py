@@ -175,6 +175,61 @@ def test_svi_trains_a_vae_with_dreg_and_its_parameters_move():
         assert not torch.equal(param, before[name]), name
 
 
+def test_deterministic_sites_inside_and_outside_the_plate_add_nothing():
+    """``pyro.deterministic`` records a value and has no density: not a global latent."""
+
+    def recording_model(x):
+        pyro.deterministic("offset", torch.tensor(B))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.deterministic("mean", A * z + B)
+            pyro.sample("x", dist.Normal(A * z + B, SIGMA), obs=x)
+
+    guide = make_guide(*(torch.tensor(v) for v in EXACT))
+    for estimator in ("iwae", "dreg"):
+        loss = IWAE_ELBO(5, estimator).loss(recording_model, guide, X)
+        assert loss == pytest.approx(-log_evidence(X).sum().item(), abs=1e-4)
+
+
+def test_a_scale_on_the_whole_program_scales_the_bound_and_a_kl_weight_stays_inside():
+    """``poutine.scale(c)`` around model and guide (a user's normalisation of the loss)
+    multiplies the bound by c; a scale on the latent alone is a KL weight inside the log
+    weights (``log w = log p(x|z) + beta (log p(z) - log q)``), with or without the c."""
+    guide = make_guide(*(torch.tensor(v) for v in (0.1, 0.5, 0.3)))  # not exact
+    elbo = IWAE_ELBO(5, max_plate_nesting=1)
+
+    def loss_of(model_, guide_):
+        pyro.set_rng_seed(4)
+        return elbo.loss(model_, guide_, X)
+
+    plain = loss_of(model, guide)
+    scaled = loss_of(pyro.poutine.scale(model, 0.01), pyro.poutine.scale(guide, 0.01))
+    assert scaled == pytest.approx(0.01 * plain, rel=1e-5)
+
+    def weighted(c):  # the latent's sites at c * beta, the observation at c
+        def model_(x):
+            with pyro.poutine.scale(scale=c), pyro.plate("data", x.shape[0]):
+                with pyro.poutine.scale(scale=0.5):
+                    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+                pyro.sample("x", dist.Normal(A * z + B, SIGMA), obs=x)
+
+        def guide_(x):
+            with pyro.poutine.scale(scale=0.5 * c):
+                guide(x)
+
+        return loss_of(model_, guide_)
+
+    pyro.set_rng_seed(4)
+    trace = pyro.poutine.trace(pyro.plate("p", 5, dim=-2)(guide)).get_trace(X)
+    z = trace.nodes["z"]["value"]
+    log_w = dist.Normal(A * z + B, SIGMA).log_prob(X) + 0.5 * (
+        dist.Normal(0.0, 1.0).log_prob(z) - trace.nodes["z"]["fn"].log_prob(z)
+    )
+    annealed = -(torch.logsumexp(log_w, 0) - math.log(5)).sum().item()
+    assert weighted(1.0) == pytest.approx(annealed, rel=1e-5)
+    assert weighted(0.01) == pytest.approx(0.01 * annealed, rel=1e-5)
+
+
 def test_programs_it_cannot_bound_per_data_point_are_refused_by_name():
     def global_model(x):
         w = pyro.sample("w", dist.Normal(0.0, 1.0))
