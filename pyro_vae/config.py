@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -119,12 +120,21 @@ class VAEConfig:
         return cls(**{**values, "image_shape": tuple(values.get("image_shape", (1, 28, 28)))})
 
 
-def check_fields(cls: type, values: dict) -> None:
-    """Raise :class:`UsageError` naming every key of ``values`` that is not a field of the
-    dataclass ``cls``: a config or run written by another version, or edited by hand."""
-    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+def check_fields(cls: type, values: dict, error: type[Exception] = UsageError) -> None:
+    """Raise ``error`` naming every key of ``values`` that is not a field of the dataclass
+    ``cls`` (a config or run written by another version, edited by hand, or a mistyped
+    keyword), with the closest field's name where one is close, and the valid ones."""
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise UsageError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, names, n=1)
+            hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        raise error(
+            f"unknown {cls.__name__} field(s): {', '.join(hints)}; "
+            f"the fields are: {', '.join(names)}"
+        )
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -34,7 +34,7 @@ from pyro.poutine.util import is_validation_enabled as poutine_validation_enable
 from torch.distributions import kl_divergence
 
 from . import internals
-from .config import VAEConfig
+from .config import VAEConfig, check_fields
 from .errors import DataError, UsageError
 from .latents import CategoricalLatent, GaussianLatent, make_latent
 from .likelihoods import make_likelihood, total_log_prob
@@ -217,6 +217,7 @@ class VAE(NamedSites, PyroModule):
 
     def __init__(self, config: VAEConfig | None = None, **kwargs):
         if config is None:
+            check_fields(VAEConfig, kwargs, error=TypeError)  # a mistyped keyword, named
             config = VAEConfig(**kwargs)
         elif kwargs:
             raise TypeError("pass either a VAEConfig or keyword arguments, not both")

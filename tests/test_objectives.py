@@ -144,11 +144,25 @@ def test_the_guides_signal_to_noise_falls_with_k_for_iwae_and_not_for_dreg():
     assert (dreg_100 > 0.8 * dreg_1).all(), (dreg_1, dreg_100)
 
 
+FAMILIES = [
+    ("bernoulli", "gaussian", "mlp"),
+    ("continuous-bernoulli", "gaussian", "conv"),
+    ("gaussian", "gaussian", "mlp"),
+    ("bernoulli", "relaxed-categorical", "mlp"),
+    ("gaussian", "relaxed-categorical", "conv"),
+]
+
+
+@pytest.mark.parametrize("likelihood,latent,arch", FAMILIES)
 @pytest.mark.parametrize("estimator", ["iwae", "dreg", "stl"])
-def test_the_vaes_fused_path_equals_the_generic_one(estimator):
+def test_the_vaes_fused_path_equals_the_generic_one(estimator, likelihood, latent, arch):
     pyro.set_rng_seed(0)
-    vae = VAE(image_shape=(1, 8, 8), latent_dim=3, hidden=16)
-    x = (torch.rand(6, 1, 8, 8) < 0.4).float()
+    vae = VAE(
+        image_shape=(1, 8, 8), likelihood=likelihood, latent=latent, arch=arch, hidden=16,
+        **({"latent_dim": 3} if latent == "gaussian" else {}),
+    )  # fmt: skip
+    x = torch.rand(6, 1, 8, 8)
+    x = (x < 0.4).float() if likelihood == "bernoulli" else x
     elbo = IWAE_ELBO(5, estimator, max_plate_nesting=1)
     results = []
     for program in ((vae.model, vae.guide), (lambda *a, **k: vae.model(*a, **k),
@@ -160,7 +174,9 @@ def test_the_vaes_fused_path_equals_the_generic_one(estimator):
         results.append((loss.item(), [p.grad.clone() for p in vae.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     for fused, generic in zip(results[0][1], results[1][1], strict=True):
-        torch.testing.assert_close(fused, generic, rtol=1e-4, atol=1e-4)
+        # float32 sums in another order: close relative to the gradient's own size
+        scale = generic.abs().max().item() + 1e-6
+        torch.testing.assert_close(fused / scale, generic / scale, rtol=0, atol=1e-4)
 
 
 def test_svi_trains_a_vae_with_dreg_and_its_parameters_move():

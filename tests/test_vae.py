@@ -81,6 +81,13 @@ def test_bad_shapes_are_named():
         vae.model(binary_batch(4), num_data=2)
 
 
+def test_a_mistyped_keyword_is_named_with_the_closest_field():
+    with pytest.raises(TypeError, match=r"'latent_dims' \(did you mean 'latent_dim'\?\)"):
+        VAE(latent_dims=8)
+    with pytest.raises(TypeError, match="'net'.*the fields are: image_shape, .*arch"):
+        VAE(net="conv")
+
+
 def test_grey_pixels_under_a_bernoulli_model_are_an_error():
     vae = VAE()
     with pytest.raises(DataError, match="bernoulli likelihood needs binary pixels"):
