@@ -243,10 +243,17 @@ def _data_plate(model_trace, guide_trace):
         for site in _sample_sites(trace):
             frames = {f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLES}
             if not frames:
+                packed = site["name"].startswith("_Auto")  # AutoDiagonalNormal and kin
                 raise UsageError(
                     f"IWAE_ELBO bounds each data point of a plate, but site {site['name']!r} is "
                     "outside every plate (a global latent or observation), where a per-point "
                     "bound is not defined; use Trace_ELBO, or RenyiELBO for a batch-level bound"
+                    + (
+                        " (this autoguide packs all latents into one vector outside the "
+                        "plates; AutoNormal keeps each latent in its plate)"
+                        if packed
+                        else ""
+                    )
                 )
             common = frames if common is None else common & frames
     if not common:

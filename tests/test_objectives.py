@@ -12,6 +12,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 
 from pyro_vae import VAE, UsageError
 from pyro_vae.evaluate import log_weights
@@ -257,6 +258,11 @@ def test_programs_it_cannot_bound_per_data_point_are_refused_by_name():
 
     with pytest.raises(UsageError, match="'w' is outside every plate"):
         IWAE_ELBO(3).loss(global_model, global_guide, X)
+    packed = AutoDiagonalNormal(model)  # its one latent vector sits outside the plate
+    with pytest.raises(UsageError, match="_AutoDiagonalNormal_latent.*AutoNormal keeps"):
+        IWAE_ELBO(3).loss(model, packed, X)
+    pyro.clear_param_store()
+    assert IWAE_ELBO(3).loss(model, AutoNormal(model), X) > -log_evidence(X).sum().item()
 
     def discrete_model(x):
         with pyro.plate("data", x.shape[0]):
