@@ -48,7 +48,7 @@ from .errors import UsageError
 from .history import EpochRecord, History
 from .likelihoods import full_precision
 from .run import Run
-from .vae import NamedSites, pyro_program
+from .sites import NamedSites, pyro_program
 
 #: held-out sequences scored at once by :meth:`TokenPriorObjective.metrics`.
 EVAL_CHUNK = 1024

@@ -63,7 +63,8 @@ from .latents import GaussianLatent
 from .likelihoods import GaussianLikelihood, Likelihood, make_likelihood
 from .nets import MLPDecoder, MLPEncoder
 from .run import Run
-from .vae import VAE, NamedSites, pyro_program
+from .sites import NamedSites, pyro_program
+from .vae import VAE
 
 
 class _LabelledEncoder(nn.Module):
