@@ -5,10 +5,10 @@ The network is the one of the 85.42 run in docs/benchmarks.md: MLP 784-500-500-5
 Bernoulli likelihood, dynamically binarized MNIST, Adam at 1e-3, batch 100, a KL warm-up
 over the first 10 epochs. One process trains one objective, an epoch at a time, until its
 training steps have taken ``--minutes`` of wall-clock time (a stopped run resumes from its
-checkpoint and goes on to the same budget; ``--lr`` with a larger ``--minutes`` continues
-at another rate, as the 85.42 run's step decay did); then it evaluates the held-out bound with
-K = 5000 importance samples per test image and the active units, and writes
-``<out>/<objective>/result.json``. Run the objectives side by side (one thread each) so that
+checkpoint and goes on to the same budget; ``--schedule 1e-3:80,3e-4:85,1e-4:90`` is a
+step decay like the 85.42 run's, each rate up to that many minutes of training); then it
+evaluates the held-out bound with K = 5000 importance samples per test image and the
+active units, and writes ``<out>/<objective>/result.json``. Run the objectives side by side (one thread each) so that
 they share the machine alike, then ``--report`` prints the table:
 
     for o in elbo iwae dreg; do
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -47,25 +48,44 @@ def trained_seconds(checkpoint: Path) -> float:
     return sum(row["seconds"] for row in load_checkpoint(checkpoint).get("history", []))
 
 
+def parse_schedule(text: str) -> list[tuple[float, float]]:
+    """``"1e-3:80,3e-4:85"`` -> ``[(1e-3, 80.0), (3e-4, 85.0)]``: Adam's rate and the
+    training minutes up to which it holds, in increasing order of minutes."""
+    steps = []
+    for part in text.split(","):
+        lr, _, minutes = part.partition(":")
+        steps.append((float(lr), float(minutes)))
+    if any(b[1] <= a[1] for a, b in zip(steps, steps[1:], strict=False)):
+        raise SystemExit(f"--schedule {text!r}: the minutes must increase")
+    return steps
+
+
 def train(args: argparse.Namespace, folder: Path) -> VAE:
+    """Train, an epoch at a time, through every step of the schedule; at the end of each
+    step but the last, keep a copy of the checkpoint (``checkpoint.<seconds>s.pt``)."""
     train_images = load_mnist(args.data_dir, "train").images
     pyro.set_rng_seed(0)
     vae = VAE(latent_dim=50, hidden=500, depth=2)
     checkpoint = folder / "checkpoint.pt"
-    run = Run(lr=args.lr, seed=0, accelerator="cpu", checkpoint=checkpoint, progress=False)
+    run = Run(seed=0, accelerator="cpu", checkpoint=checkpoint, progress=False)
     epoch = 0
     if checkpoint.exists():
         epoch = load_checkpoint(checkpoint)["progress"]["epoch"]
-    while trained_seconds(checkpoint) < args.minutes * 60:
-        epoch += 1
-        history = fit(
-            vae, train_images, batch_size=100, warmup=10,
-            elbo=elbo_of(args.objective, args.particles),
-            run=run.replace(epochs=epoch, resume=epoch > 1),
-        )  # fmt: skip
-        record = history.epochs[-1]
-        print(f"{args.objective}: epoch {record.epoch} loss {record.train_loss:.2f} "
-              f"({trained_seconds(checkpoint):.0f} s)", flush=True)  # fmt: skip
+    schedule = parse_schedule(args.schedule or f"{args.lr}:{args.minutes}")
+    for number, (lr, minutes) in enumerate(schedule, start=1):
+        while trained_seconds(checkpoint) < minutes * 60:
+            epoch += 1
+            history = fit(
+                vae, train_images, batch_size=100, warmup=10,
+                elbo=elbo_of(args.objective, args.particles),
+                run=run.replace(lr=lr, epochs=epoch, resume=epoch > 1),
+            )  # fmt: skip
+            record, seconds = history.epochs[-1], trained_seconds(checkpoint)
+            print(f"{args.objective}: epoch {record.epoch} lr {lr:g} loss "
+                  f"{record.train_loss:.2f} ({seconds:.0f} s)", flush=True)  # fmt: skip
+        kept = folder / f"checkpoint.{minutes * 60:.0f}s.pt"
+        if number < len(schedule) and not kept.exists():
+            shutil.copyfile(checkpoint, kept)
     return vae
 
 
@@ -118,6 +138,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument(
         "--lr", type=float, default=1e-3, help="Adam's rate (a resumed run takes the new one)"
+    )
+    p.add_argument(
+        "--schedule",
+        help="step decay as LR:MINUTES,... (train at each rate up to that many minutes of "
+        "training; replaces --lr and --minutes), e.g. 1e-3:80.2333,3e-4:85,1e-4:90",
     )
     p.add_argument("--train-only", action="store_true", help="train to --minutes, no evaluation")
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
