@@ -8,8 +8,9 @@ training steps have taken ``--minutes`` of wall-clock time (a stopped run resume
 checkpoint and goes on to the same budget; ``--schedule 1e-3:80,3e-4:85,1e-4:90`` is a
 step decay like the 85.42 run's, each rate up to that many minutes of training); then it
 evaluates the held-out bound with K = 5000 importance samples per test image and the
-active units, and writes ``<out>/<objective>/result.json``. Run the objectives side by side (one thread each) so that
-they share the machine alike, then ``--report`` prints the table:
+active units, and writes ``<out>/<objective>/result.json``. Run the objectives side by
+side (one thread each) so that they share the machine alike, then ``--report`` prints the
+table:
 
     for o in elbo iwae dreg; do
         python benchmarks/objectives.py --objective $o --minutes 45 --out runs/objectives &
