@@ -268,6 +268,59 @@ def test_other_program_structures_give_log_p_x_with_an_exact_guide(structure, es
     assert loss == pytest.approx(-log_p.item(), rel=1e-5)
 
 
+def hierarchical_guide(params):
+    """q(z2 | x) q(z1 | z2) for :func:`two_latents`, with the parameters ``params``:
+    ``(a, b, s2, c, d, s1)`` for z2 ~ N(a x + b, s2), z1 ~ N(c z2 + d, s1)."""
+
+    def guide(x):
+        a, b, s2, c, d, s1 = params
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.Normal(a * x + b, s2))
+            pyro.sample("z1", dist.Normal(c * z2 + d, s1))
+
+    return guide
+
+
+def exact_hierarchical_params():
+    variance = 1.0 / (0.5 + 1.0 / SIGMA**2)
+    values = (variance / SIGMA**2, 0.0, math.sqrt(variance), 0.5, 0.0, math.sqrt(0.5))
+    return [torch.tensor(v, requires_grad=True) for v in values]
+
+
+@pytest.mark.parametrize("estimator", ["dreg", "stl"])
+def test_at_the_exact_hierarchical_posterior_the_path_gradient_is_zero_for_every_draw(
+    estimator,
+):
+    """With q(z1, z2 | x) = p(z1, z2 | x), every log weight is log p(x) whatever the draw,
+    so the guide's path gradient is exactly zero, through z2's effect on q(z1 | z2) too
+    (the IWAE estimator's score term is not: zero only in expectation)."""
+    params = exact_hierarchical_params()
+    guide = hierarchical_guide(params)
+    for estimator_, zero in ((estimator, True), ("iwae", False)):
+        elbo = IWAE_ELBO(5, estimator_, max_plate_nesting=1)
+        grads = torch.autograd.grad(elbo.differentiable_loss(two_latents, guide, X), params)
+        size = torch.stack(grads).abs().max().item()
+        assert (size < 1e-4) == zero, (estimator_, grads)
+
+
+def test_dreg_is_unbiased_for_a_hierarchical_guide():
+    """z2 drawn first and z1 from q(z1 | z2): DReG's gradient has the IWAE gradient's
+    expectation for the parameters of both levels."""
+    params = [torch.tensor(v, requires_grad=True) for v in (0.5, 0.1, 0.7, 0.3, -0.2, 0.6)]
+    guide = hierarchical_guide(params)
+    x = torch.full((20,), 1.3)
+
+    def draws(estimator, seed, reps=800):
+        elbo = IWAE_ELBO(10, estimator, max_plate_nesting=1)
+        pyro.set_rng_seed(seed)
+        loss = lambda: elbo.differentiable_loss(two_latents, guide, x)  # noqa: E731
+        return torch.stack([torch.stack(torch.autograd.grad(loss(), params)) for _ in range(reps)])
+
+    iwae, dreg = draws("iwae", 0), draws("dreg", 1)
+    error = (iwae.var(0) / len(iwae) + dreg.var(0) / len(dreg)).sqrt()
+    assert ((iwae.mean(0) - dreg.mean(0)).abs() < 4 * error).all(), (iwae.mean(0), dreg.mean(0))
+
+
 def test_deterministic_sites_inside_and_outside_the_plate_add_nothing():
     """``pyro.deterministic`` records a value and has no density: not a global latent."""
 
