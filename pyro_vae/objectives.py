@@ -32,24 +32,26 @@ a two-level model the DReG and STL gradients are zero for every draw, and DReG h
 IWAE gradient's expectation).
 
 Scales. The factor outside the log-sum-exp is the data plate's subsampling factor times
-any scale that all the model's observed sites share (``poutine.scale(c)`` around the
-whole program gives ``c`` times the bound). Any other scale (a KL weight ``beta`` on the
-latents, set with ``poutine.scale`` as :meth:`~pyro_vae.VAE.kl_weight` does, or an inner
-plate's subsampling) multiplies its site's log-density inside the log weight:
+any scale that every site of model and guide shares (``poutine.scale(c)`` around the
+whole program gives ``c`` times the bound). A scale on some sites only (a KL weight
+``beta`` on the latents, set with ``poutine.scale`` as :meth:`~pyro_vae.VAE.kl_weight`
+does, a tempered likelihood, or an inner plate's subsampling) multiplies its site's
+log-density inside the log weight:
 ``log w = log p(x | z) + beta (log p(z) - log q(z | x))``, an annealed bound that is the
 IWAE bound at ``beta = 1``. ``pyro.deterministic`` sites have no density and are skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.distributions.util import detach
+from pyro.distributions.util import detach, scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine import Trace
@@ -147,34 +149,33 @@ class IWAE_ELBO(ELBO):
         gets the fixed-parameter log-density as the full one minus its score (the guide
         replayed on the values, detached) and DReG's weights from the surrogate
         :func:`bound_and_surrogate` builds with the model's log-density at detached
-        values (the model replayed once more). Both cost one more pass of each program.
+        values (the model replayed once more, with the random state of its first run, so
+        that dropout draws the same masks). Both cost one more pass of each program, and
+        run side effects (BatchNorm's running statistics) once more; not under
+        ``torch.no_grad()`` (as in :meth:`loss`), where no gradient is wanted. A guide that
+        draws randomness outside ``pyro.sample`` cannot be replayed alike (its sites draw no
+        numbers on replay): the mismatch is found and refused by name.
         """
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
         nesting = int(self.max_plate_nesting)
         particles = pyro.plate(PARTICLES, self.num_particles, dim=-(nesting + 1))
         guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
+        rng = _rng_states()  # the model's own randomness (dropout), to replay it alike
         model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
             *args, **kwargs
         )
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, nesting + 1)
         fixed_q = self.estimator in ("dreg", "stl")
-        # with several guide sites, the same programs replayed on detached values
-        replays = {}
-        if fixed_q and len(_sample_sites(prune_subsample_sites(guide_trace))) > 1:
-            frozen = _detached(guide_trace)
-            replays["guide"] = poutine.trace(poutine.replay(particles(guide), trace=frozen))
-            if self.estimator == "dreg":
-                replays["model"] = poutine.trace(poutine.replay(particles(model), trace=frozen))
-            replays = {
-                name: prune_subsample_sites(program.get_trace(*args, **kwargs))
-                for name, program in replays.items()
-            }
+        replays = {}  # gradients through a guide of several sites: see the docstring
+        if fixed_q and torch.is_grad_enabled():
+            if len(_sample_sites(prune_subsample_sites(guide_trace))) > 1:
+                replays = self._replays(particles, model, guide, guide_trace, rng, args, kwargs)
         model_trace = prune_subsample_sites(model_trace)
         guide_trace = prune_subsample_sites(guide_trace)
         plate = _data_plate(model_trace, guide_trace)
-        scale = _outer_scale(model_trace, plate)
+        scale = _outer_scale((model_trace, guide_trace), plate)
 
         def per_point(site: dict, log_p: torch.Tensor) -> torch.Tensor:
             return _site_weight(site, scale) * _per_point(site, log_p, nesting + 1, plate.dim)
@@ -185,19 +186,37 @@ class IWAE_ELBO(ELBO):
         log_q, values = 0.0, []
         for site in _sample_sites(guide_trace):
             _check_guide_site(site)
-            if not fixed_q:
+            if not fixed_q or not torch.is_grad_enabled():
                 log_q = log_q + per_point(site, site["fn"].log_prob(site["value"]))
-            elif "guide" in replays:  # the full log-density minus its score term
+            elif replays:  # the full log-density minus its score term
                 full = site["fn"].log_prob(site["value"])
                 again = replays["guide"].nodes[site["name"]]
-                score = again["fn"].log_prob(again["value"])
+                score = _fixed_log_prob(again, self.estimator)
+                _check_replay(f"guide site {site['name']!r}", full, score, self.estimator)
                 log_q = log_q + per_point(site, full - score + score.detach())
             else:
-                log_q = log_q + per_point(site, detach(site["fn"]).log_prob(site["value"]))
+                log_q = log_q + per_point(site, _fixed_log_prob(site, self.estimator, detach))
                 right = site["value"].dim() - site["fn"].event_dim  # batch dims end here
                 values.append((site["value"], right - nesting - 1, right + plate.dim))
-        fixed_z = log_joint(replays["model"]) if "model" in replays else None
-        return LogWeights(log_joint(model_trace) - log_q, scale, values, fixed_z)
+        log_p = log_joint(model_trace)
+        fixed_z = None
+        if "model" in replays:
+            fixed_z = log_joint(replays["model"])
+            _check_replay("the model", log_p, fixed_z, self.estimator)
+        return LogWeights(log_p - log_q, scale, values, fixed_z)
+
+    def _replays(self, particles, model, guide, guide_trace, rng, args, kwargs) -> dict:
+        """The guide replayed on its values, detached (its score term), and under "dreg"
+        the model too, with the random state its first run had (dropout draws alike)."""
+        frozen = _detached(guide_trace)
+        replays = {"guide": poutine.trace(poutine.replay(particles(guide), trace=frozen))}
+        if self.estimator == "dreg":
+            replays["model"] = poutine.trace(poutine.replay(particles(model), trace=frozen))
+        traces = {"guide": replays["guide"].get_trace(*args, **kwargs)}
+        if "model" in replays:
+            with _rewound(rng):
+                traces["model"] = replays["model"].get_trace(*args, **kwargs)
+        return {name: prune_subsample_sites(trace) for name, trace in traces.items()}
 
 
 class LogWeights(NamedTuple):
@@ -262,6 +281,52 @@ def _reweight_gradient(value: torch.Tensor, weights, particle_index: int, data_i
     value.register_hook(lambda grad: grad * weights.reshape(shape).to(grad.dtype))
 
 
+def _fixed_log_prob(site: dict, estimator: str, detach_fn=None) -> torch.Tensor:
+    """The site's log-density at its value, with ``detach_fn`` applied to its distribution
+    first; a distribution that cannot evaluate a value it did not draw itself (a flow
+    with a non-invertible transform, e.g. Planar) is refused by name."""
+    fn = detach_fn(site["fn"]) if detach_fn is not None else site["fn"]
+    try:
+        return fn.log_prob(site["value"])
+    except (KeyError, NotImplementedError) as error:
+        raise UsageError(
+            f"IWAE_ELBO(estimator={estimator!r}) evaluates log q of guide site "
+            f"{site['name']!r} with the guide's parameters held fixed, which its "
+            f"{type(site['fn']).__name__} cannot do ({type(error).__name__}: {error}); a "
+            "flow with a non-invertible transform (Planar, Radial) needs estimator='iwae'"
+        ) from error
+
+
+def _check_replay(what: str, first: torch.Tensor, again: torch.Tensor, estimator: str) -> None:
+    """A replay on the same values must give the same log-density; it does not when the
+    program draws randomness outside ``pyro.sample`` (dropout in a guide), and then the
+    estimator's gradient would be wrong."""
+    if not torch.allclose(first.detach(), again.detach(), rtol=1e-4, atol=1e-3):
+        raise UsageError(
+            f"IWAE_ELBO(estimator={estimator!r}) replays a guide of several sites on the "
+            f"values it drew, but the replay gave {what} another log-density: the program "
+            "draws randomness outside pyro.sample (dropout, say). Make it deterministic "
+            "given x and its sample sites (e.g. module.eval()), or use estimator='iwae'"
+        )
+
+
+def _rng_states() -> tuple:
+    """The CPU's and (if in use) every CUDA device's random state."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
+
+
+@contextlib.contextmanager
+def _rewound(states: tuple) -> Iterator[None]:
+    """Run with the random states ``states``, and leave the current ones as they were."""
+    cpu, cuda = states
+    with torch.random.fork_rng(devices=list(range(len(cuda))) if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        yield
+
+
 def _detached(trace) -> Trace:
     """A copy of ``trace`` whose sample sites hold their values detached (to replay)."""
     copy = Trace()
@@ -282,16 +347,17 @@ def _sample_sites(trace) -> list[dict]:
     ]
 
 
-def _outer_scale(model_trace, plate) -> float | torch.Tensor:
+def _outer_scale(traces, plate) -> float:
     """The factor outside the log-sum-exp: the data plate's subsampling factor, times a
-    scale that every observed site of the model shares beyond its plates' subsampling
+    scale that *every* site of model and guide shares beyond its plates' subsampling
     (``poutine.scale`` around the whole program, as a user normalising the loss applies
-    it). Other scales (a KL weight on the latents, an inner plate's subsampling) weigh
-    their sites inside the log weights."""
+    it). A scale on some sites only (a KL weight on the latents, a tempered likelihood, an
+    inner plate's subsampling) weighs those sites inside the log weights, as Pyro's
+    per-site scales do."""
     scales = [
         _scalar(site["scale"]) / _subsampling(site["cond_indep_stack"])
-        for site in _sample_sites(model_trace)
-        if site["is_observed"]
+        for trace in traces
+        for site in _sample_sites(trace)
     ]
     same = (
         scales
@@ -302,10 +368,11 @@ def _outer_scale(model_trace, plate) -> float | torch.Tensor:
 
 
 def _subsampling(frames) -> float:
-    """The product of the subsampling factors (full size over batch) of ``frames``."""
+    """The product of the subsampling factors (full size over batch) of ``frames``,
+    vectorized or sequential plates alike."""
     factor = 1.0
     for frame in frames:
-        if frame.vectorized and frame.full_size is not None:
+        if frame.full_size is not None and frame.size:
             factor *= frame.full_size / frame.size
     return factor
 
@@ -361,8 +428,7 @@ def _check_guide_site(site: dict) -> None:
 def _per_point(site: dict, log_p: torch.Tensor, particle_dims: int, data_dim: int):
     """A site's log-density as ``(k, batch)``: summed over every dimension but the
     particle and data ones (plates nested inside the data plate), masked as the site is."""
-    if site["mask"] is not None:
-        log_p = log_p * site["mask"]
+    log_p = scale_and_mask(log_p, 1.0, site["mask"])  # a masked -inf or nan stays out
     log_p = log_p.reshape((1,) * max(0, particle_dims - log_p.dim()) + log_p.shape)
     keep = (log_p.dim() - particle_dims, log_p.dim() + data_dim)
     others = [d for d in range(log_p.dim()) if d not in keep]

@@ -321,6 +321,126 @@ def test_dreg_is_unbiased_for_a_hierarchical_guide():
     assert ((iwae.mean(0) - dreg.mean(0)).abs() < 4 * error).all(), (iwae.mean(0), dreg.mean(0))
 
 
+def test_dreg_stays_unbiased_for_the_model_when_its_decoder_draws_dropout():
+    """The model replayed at detached values (DReG with a guide of several sites) must draw
+    the same dropout masks as its first run, or the model's gradient is wrong."""
+    weight = torch.tensor(1.0, requires_grad=True)
+    dropout = torch.nn.Dropout(0.5)
+
+    def dropout_model(x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(0.0, 1.0))
+            z2 = pyro.sample("z2", dist.Normal(z1, 1.0))
+            pyro.sample("x", dist.Normal(dropout(weight * z2), SIGMA), obs=x)
+
+    guide = hierarchical_guide([torch.tensor(v) for v in (0.5, 0.1, 0.7, 0.3, -0.2, 0.6)])
+    x = torch.full((20,), 1.3)
+
+    def draws(estimator, seed, reps=300):
+        elbo = IWAE_ELBO(10, estimator, max_plate_nesting=1)
+        pyro.set_rng_seed(seed)
+        loss = lambda: elbo.differentiable_loss(dropout_model, guide, x)  # noqa: E731
+        return torch.stack([torch.autograd.grad(loss(), [weight])[0] for _ in range(reps)])
+
+    iwae, dreg = draws("iwae", 0), draws("dreg", 1)
+    error = (iwae.var() / len(iwae) + dreg.var() / len(dreg)).sqrt()
+    assert (iwae.mean() - dreg.mean()).abs() < 4 * error, (iwae.mean(), dreg.mean())
+
+
+def test_what_a_guide_of_several_sites_cannot_replay_is_refused_by_name():
+    """Dropout in such a guide, or a flow that cannot evaluate a value it did not draw,
+    would give DReG a wrong gradient; they stop with the reason and the way out."""
+    dropout = torch.nn.Dropout(0.5)
+
+    def dropout_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            z2 = pyro.sample("z2", dist.Normal(dropout(x), 1.0))
+            pyro.sample("z1", dist.Normal(z2 / 2, 1.0))
+
+    with pytest.raises(UsageError, match="guide site 'z2'.*outside pyro.sample.*'iwae'"):
+        IWAE_ELBO(3, "dreg").differentiable_loss(two_latents, dropout_guide, X)
+    IWAE_ELBO(3, "iwae").differentiable_loss(two_latents, dropout_guide, X)  # fine
+
+    planar = pyro.distributions.transforms.Planar(1)
+
+    def flow_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            base = dist.Normal(torch.zeros(x.shape[0], 1), 1.0).to_event(1)
+            pyro.sample("z", dist.TransformedDistribution(base, [planar]))
+
+    def flow_model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z[..., 0], SIGMA), obs=x)
+
+    with pytest.raises(UsageError, match="'z'.*Planar, Radial.*'iwae'"):
+        IWAE_ELBO(3, "dreg").differentiable_loss(flow_model, flow_guide, X)
+
+
+def test_a_tempered_likelihood_and_an_inner_subsampled_plate_weigh_inside_the_log_weights():
+    """A scale on the observation alone is Pyro's per-site meaning, log w = s log p(x|z)
+    + log p(z) - log q(z|x); a plate inside the data plate scales its sites alike,
+    written as a vectorized or a sequential plate."""
+    guide = make_guide(*(torch.tensor(v) for v in (0.1, 0.5, 0.3)))
+
+    def tempered(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.poutine.scale(scale=0.2):
+                pyro.sample("x", dist.Normal(A * z + B, SIGMA), obs=x)
+
+    pyro.set_rng_seed(5)
+    loss = IWAE_ELBO(5, max_plate_nesting=1).loss(tempered, guide, X)
+    pyro.set_rng_seed(5)
+    trace = pyro.poutine.trace(pyro.plate("p", 5, dim=-2)(guide)).get_trace(X)
+    z, q = trace.nodes["z"]["value"], trace.nodes["z"]["fn"]
+    log_w = 0.2 * dist.Normal(A * z + B, SIGMA).log_prob(X)
+    log_w = log_w + dist.Normal(0.0, 1.0).log_prob(z) - q.log_prob(z)
+    assert loss == pytest.approx(-(torch.logsumexp(log_w, 0) - math.log(5)).sum().item(), rel=1e-5)
+
+    rows = torch.tensor([0, 2])  # 2 of 4 features, drawn once for both forms
+
+    def vectorized(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("features", FEATURES, dim=-1, subsample=rows):
+                pyro.sample("x", dist.Normal(A * z + B, SIGMA), obs=x[:, rows])
+
+    def sequential(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            for j in pyro.plate("features", FEATURES, subsample=rows):
+                pyro.sample(f"x{j}", dist.Normal(A * z + B, SIGMA), obs=x[:, j : j + 1])
+
+    losses = []
+    for program in (vectorized, sequential):
+        pyro.set_rng_seed(6)
+        losses.append(IWAE_ELBO(5).loss(program, plate_at_minus_2_guide, VECTORS))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_an_observation_masked_where_its_density_is_nan_counts_for_nothing():
+    x = torch.tensor([0.5, float("nan"), -1.0, 2.0])
+    observed = ~x.isnan()
+
+    def masked_model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.poutine.mask(mask=observed):
+                pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def prior_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pyro.validation_enabled(False):  # validation would refuse the nan itself
+        losses = []
+        for elbo in (IWAE_ELBO(1, max_plate_nesting=1), Trace_ELBO()):
+            pyro.set_rng_seed(7)
+            losses.append(elbo.loss(masked_model, prior_guide, x))
+    assert math.isfinite(losses[0]) and losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 def test_deterministic_sites_inside_and_outside_the_plate_add_nothing():
     """``pyro.deterministic`` records a value and has no density: not a global latent."""
 
@@ -340,7 +460,9 @@ def test_deterministic_sites_inside_and_outside_the_plate_add_nothing():
 def test_a_scale_on_the_whole_program_scales_the_bound_and_a_kl_weight_stays_inside():
     """``poutine.scale(c)`` around model and guide (a user's normalisation of the loss)
     multiplies the bound by c; a scale on the latent alone is a KL weight inside the log
-    weights (``log w = log p(x|z) + beta (log p(z) - log q)``), with or without the c."""
+    weights (``log w = log p(x|z) + beta (log p(z) - log q)``). Sites with different
+    scales have Pyro's per-site meaning, inside: with c as well, ``log w = c log p(x|z) +
+    c beta (log p(z) - log q)``."""
     guide = make_guide(*(torch.tensor(v) for v in (0.1, 0.5, 0.3)))  # not exact
     elbo = IWAE_ELBO(5, max_plate_nesting=1)
 
@@ -368,12 +490,14 @@ def test_a_scale_on_the_whole_program_scales_the_bound_and_a_kl_weight_stays_ins
     pyro.set_rng_seed(4)
     trace = pyro.poutine.trace(pyro.plate("p", 5, dim=-2)(guide)).get_trace(X)
     z = trace.nodes["z"]["value"]
-    log_w = dist.Normal(A * z + B, SIGMA).log_prob(X) + 0.5 * (
-        dist.Normal(0.0, 1.0).log_prob(z) - trace.nodes["z"]["fn"].log_prob(z)
-    )
-    annealed = -(torch.logsumexp(log_w, 0) - math.log(5)).sum().item()
-    assert weighted(1.0) == pytest.approx(annealed, rel=1e-5)
-    assert weighted(0.01) == pytest.approx(0.01 * annealed, rel=1e-5)
+    log_x = dist.Normal(A * z + B, SIGMA).log_prob(X)
+    log_z = dist.Normal(0.0, 1.0).log_prob(z) - trace.nodes["z"]["fn"].log_prob(z)
+
+    def bound(log_w):
+        return -(torch.logsumexp(log_w, 0) - math.log(5)).sum().item()
+
+    assert weighted(1.0) == pytest.approx(bound(log_x + 0.5 * log_z), rel=1e-5)
+    assert weighted(0.01) == pytest.approx(bound(0.01 * log_x + 0.005 * log_z), rel=1e-5)
 
 
 def test_programs_it_cannot_bound_per_data_point_are_refused_by_name():
