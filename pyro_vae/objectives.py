@@ -161,17 +161,22 @@ class IWAE_ELBO(ELBO):
         nesting = int(self.max_plate_nesting)
         particles = pyro.plate(PARTICLES, self.num_particles, dim=-(nesting + 1))
         guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
-        rng = _rng_states()  # the model's own randomness (dropout), to replay it alike
+        fixed_q = self.estimator in ("dreg", "stl")
+        # gradients through a guide of several sites need replays: see the docstring
+        several = (
+            fixed_q
+            and torch.is_grad_enabled()
+            and len(_sample_sites(prune_subsample_sites(guide_trace))) > 1
+        )
+        rng = _rng_states() if several else None  # the model's dropout, to replay it alike
         model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
             *args, **kwargs
         )
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, nesting + 1)
-        fixed_q = self.estimator in ("dreg", "stl")
-        replays = {}  # gradients through a guide of several sites: see the docstring
-        if fixed_q and torch.is_grad_enabled():
-            if len(_sample_sites(prune_subsample_sites(guide_trace))) > 1:
-                replays = self._replays(particles, model, guide, guide_trace, rng, args, kwargs)
+        replays = {}
+        if several:
+            replays = self._replays(particles, model, guide, guide_trace, rng, args, kwargs)
         model_trace = prune_subsample_sites(model_trace)
         guide_trace = prune_subsample_sites(guide_trace)
         plate = _data_plate(model_trace, guide_trace)
