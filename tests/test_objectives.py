@@ -308,9 +308,9 @@ def test_dreg_is_unbiased_for_a_hierarchical_guide():
     expectation for the parameters of both levels."""
     params = [torch.tensor(v, requires_grad=True) for v in (0.5, 0.1, 0.7, 0.3, -0.2, 0.6)]
     guide = hierarchical_guide(params)
-    x = torch.full((20,), 1.3)
+    x = torch.full((80,), 1.3)  # a wide batch: fewer, cheaper draws for the same precision
 
-    def draws(estimator, seed, reps=800):
+    def draws(estimator, seed, reps=200):
         elbo = IWAE_ELBO(10, estimator, max_plate_nesting=1)
         pyro.set_rng_seed(seed)
         loss = lambda: elbo.differentiable_loss(two_latents, guide, x)  # noqa: E731
@@ -334,9 +334,9 @@ def test_dreg_stays_unbiased_for_the_model_when_its_decoder_draws_dropout():
             pyro.sample("x", dist.Normal(dropout(weight * z2), SIGMA), obs=x)
 
     guide = hierarchical_guide([torch.tensor(v) for v in (0.5, 0.1, 0.7, 0.3, -0.2, 0.6)])
-    x = torch.full((20,), 1.3)
+    x = torch.full((80,), 1.3)  # a wide batch: fewer, cheaper draws for the same precision
 
-    def draws(estimator, seed, reps=300):
+    def draws(estimator, seed, reps=100):
         elbo = IWAE_ELBO(10, estimator, max_plate_nesting=1)
         pyro.set_rng_seed(seed)
         loss = lambda: elbo.differentiable_loss(dropout_model, guide, x)  # noqa: E731
