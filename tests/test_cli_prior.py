@@ -127,6 +127,16 @@ def test_samples_png_is_redrawn_each_epoch_without_touching_the_training_rng(run
     assert torch.equal(torch.rand(3), expected)
 
 
+def fit_prior_on_tokens(capsys, tokens, out, *options) -> dict:
+    """``pyro-vae fit-prior --tokens`` for one epoch on the CPU; its metrics.json."""
+    code, _, err = pyro_vae(
+        capsys, "fit-prior", "--tokens", tokens, *options, *PRIOR, "--epochs", 1,
+        "--no-progress", "--accelerator", "cpu", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    return json.loads((out / "metrics.json").read_text())
+
+
 def test_fit_prior_reads_a_token_file_with_its_labels_as_captions(runs, mnist_dir, capsys):
     dvae, tokens = runs / "dvae" / "checkpoint.pt", runs / "tokens.pt"
     code, _, err = pyro_vae(
@@ -135,12 +145,7 @@ def test_fit_prior_reads_a_token_file_with_its_labels_as_captions(runs, mnist_di
     )  # fmt: skip
     assert code == 0, err
     out = runs / "from-tokens"
-    code, _, err = pyro_vae(
-        capsys, "fit-prior", "--tokens", tokens, *PRIOR, "--epochs", 1, "--no-progress",
-        "--accelerator", "cpu", "--out", out,
-    )  # fmt: skip
-    assert code == 0, err
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = fit_prior_on_tokens(capsys, tokens, out)
     assert (metrics["tokens"]["train_images"], metrics["tokens"]["test_images"]) == (270, 30)
     assert metrics["captions"]["source"].startswith("the labels of")
     assert metrics["tokens"]["codes"] == "the most likely codes"
@@ -166,21 +171,10 @@ def test_a_token_file_with_posterior_draws_fits_the_prior_to_them(runs, mnist_di
     record = torch.load(tokens, weights_only=True)
     assert record["draws"].shape == (3, 200, 4) and record["tokens"].shape == (200, 4)
     assert not torch.equal(record["draws"][0], record["draws"][1])  # draws, not copies
-    out_dir = runs / "from-drawn-tokens"
-    code, _, err = pyro_vae(
-        capsys, "fit-prior", "--tokens", tokens, *PRIOR, "--epochs", 1, "--no-progress",
-        "--accelerator", "cpu", "--out", out_dir,
-    )  # fmt: skip
-    assert code == 0, err
-    metrics = json.loads((out_dir / "metrics.json").read_text())
+    metrics = fit_prior_on_tokens(capsys, tokens, runs / "from-drawn-tokens")
     assert metrics["tokens"]["codes"] == "3 draws from the posterior q(z | x)"
     assert (metrics["tokens"]["train_images"], metrics["tokens"]["test_images"]) == (180, 20)
-    code, _, err = pyro_vae(
-        capsys, "fit-prior", "--tokens", tokens, "--codes", "argmax", *PRIOR, "--epochs", 1,
-        "--no-progress", "--accelerator", "cpu", "--out", runs / "from-drawn-argmax",
-    )  # fmt: skip
-    assert code == 0, err
-    metrics = json.loads((runs / "from-drawn-argmax" / "metrics.json").read_text())
+    metrics = fit_prior_on_tokens(capsys, tokens, runs / "from-drawn-argmax", "--codes", "argmax")
     assert metrics["tokens"]["codes"] == "the most likely codes"
 
 
