@@ -15,7 +15,8 @@ processes with each other and with a single-process reference.
 - ``prior``: a token prior trained by ``fit_prior`` on posterior draws (``TokenDraws``);
   writes the weights and history.
 - ``gradient``: one backward pass of the ELBO module under DDP on each process's half of
-  a batch, each with its own seed; writes the averaged gradients.
+  a batch, each with its own seed; writes the averaged gradients. ``gradient-dreg``: the
+  same with the importance-weighted bound, ``IWAE_ELBO(5, "dreg")``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pyro_vae import VAE, Run, fit
 from pyro_vae.data import epoch_permutation, fixed_preprocess, load_mnist
 from pyro_vae.devices import make_fabric
 from pyro_vae.errors import DataError, ProcessLostError, TrainingDivergedError
+from pyro_vae.objectives import IWAE_ELBO
 from pyro_vae.prior import TokenDraws, TokenPrior, fit_prior
 from pyro_vae.ssvae import SSVAE, balanced_labels, fit_ssvae
 from pyro_vae.train import ELBOLoss
@@ -83,6 +85,11 @@ def small_vae() -> VAE:
 
 def gradient_batch(mnist: Path) -> torch.Tensor:
     return fixed_preprocess(load_mnist(mnist, "test").images[: 2 * HALF], "binarize")
+
+
+def gradient_elbo(mode: str):
+    """The objective of a ``gradient`` mode, as the test builds it too."""
+    return IWAE_ELBO(5, "dreg", max_plate_nesting=1) if mode == "gradient-dreg" else "trace"
 
 
 def main(mode: str, out: Path, mnist: Path) -> None:
@@ -193,7 +200,7 @@ def main(mode: str, out: Path, mnist: Path) -> None:
         fabric = make_fabric(DDP)
         fabric.launch()
         vae = small_vae()
-        module = fabric.setup_module(ELBOLoss(vae, "trace", NUM_DATA))
+        module = fabric.setup_module(ELBOLoss(vae, gradient_elbo(mode), NUM_DATA))
         x = gradient_batch(mnist)[fabric.global_rank * HALF : (fabric.global_rank + 1) * HALF]
         pyro.set_rng_seed(GRADIENT_SEED + fabric.global_rank)
         fabric.backward(module(x))
