@@ -161,13 +161,10 @@ class IWAE_ELBO(ELBO):
         nesting = int(self.max_plate_nesting)
         particles = pyro.plate(PARTICLES, self.num_particles, dim=-(nesting + 1))
         guide_trace = poutine.trace(particles(guide)).get_trace(*args, **kwargs)
-        fixed_q = self.estimator in ("dreg", "stl")
-        # gradients through a guide of several sites need replays: see the docstring
-        several = (
-            fixed_q
-            and torch.is_grad_enabled()
-            and len(_sample_sites(prune_subsample_sites(guide_trace))) > 1
-        )
+        # only a gradient needs log q with the parameters held fixed, and then a guide of
+        # several sites needs replays (see the docstring)
+        fixed_q = self.estimator in ("dreg", "stl") and torch.is_grad_enabled()
+        several = fixed_q and len(_sample_sites(prune_subsample_sites(guide_trace))) > 1
         rng = _rng_states() if several else None  # the model's dropout, to replay it alike
         model_trace = poutine.trace(poutine.replay(particles(model), trace=guide_trace)).get_trace(
             *args, **kwargs
@@ -191,7 +188,7 @@ class IWAE_ELBO(ELBO):
         log_q, values = 0.0, []
         for site in _sample_sites(guide_trace):
             _check_guide_site(site)
-            if not fixed_q or not torch.is_grad_enabled():
+            if not fixed_q:
                 log_q = log_q + per_point(site, site["fn"].log_prob(site["value"]))
             elif replays:  # the full log-density minus its score term
                 full = site["fn"].log_prob(site["value"])
@@ -214,14 +211,16 @@ class IWAE_ELBO(ELBO):
         """The guide replayed on its values, detached (its score term), and under "dreg"
         the model too, with the random state its first run had (dropout draws alike)."""
         frozen = _detached(guide_trace)
-        replays = {"guide": poutine.trace(poutine.replay(particles(guide), trace=frozen))}
+
+        def replay(program):
+            traced = poutine.trace(poutine.replay(particles(program), trace=frozen))
+            return prune_subsample_sites(traced.get_trace(*args, **kwargs))
+
+        replays = {"guide": replay(guide)}
         if self.estimator == "dreg":
-            replays["model"] = poutine.trace(poutine.replay(particles(model), trace=frozen))
-        traces = {"guide": replays["guide"].get_trace(*args, **kwargs)}
-        if "model" in replays:
             with _rewound(rng):
-                traces["model"] = replays["model"].get_trace(*args, **kwargs)
-        return {name: prune_subsample_sites(trace) for name, trace in traces.items()}
+                replays["model"] = replay(model)
+        return replays
 
 
 class LogWeights(NamedTuple):
