@@ -390,10 +390,11 @@ def _scalar(scale):
 
 def _data_plate(model_trace, guide_trace):
     """The one plate of data points that every sample site lies in."""
-    common = None
+    common, plates = None, {}
     for trace in (model_trace, guide_trace):
         for site in _sample_sites(trace):
             frames = {f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLES}
+            plates[site["name"]] = sorted(f.name for f in frames)
             if not frames:
                 packed = site["name"].startswith("_Auto")  # AutoDiagonalNormal and kin
                 raise UsageError(
@@ -409,9 +410,10 @@ def _data_plate(model_trace, guide_trace):
                 )
             common = frames if common is None else common & frames
     if not common:
+        where = "; ".join(f"{name!r} in {', '.join(names)}" for name, names in plates.items())
         raise UsageError(
             "IWAE_ELBO needs every sample site inside one plate of data points, and no plate "
-            "holds them all"
+            f"holds them all ({where}); put them in one plate"
         )
     # of the plates every site shares, the outermost is the data plate
     return min(common, key=lambda frame: frame.dim)

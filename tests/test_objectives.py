@@ -547,6 +547,14 @@ def test_programs_it_cannot_bound_per_data_point_are_refused_by_name():
         with pyro.plate("data", x.shape[0]):
             pyro.sample("c", dist.Bernoulli(0.3))
 
+    def two_plates(x):  # the same points in two differently named plates
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("labels", x.shape[0]):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    with pytest.raises(UsageError, match="no plate holds them all.*'x' in labels"):
+        IWAE_ELBO(3).loss(two_plates, make_guide(*guide_params()), X)
     with pytest.raises(UsageError, match="'c'.*no rsample"):
         IWAE_ELBO(3).loss(discrete_model, discrete_guide, X)
     with pytest.raises(UsageError, match="estimator"):
